@@ -1,0 +1,361 @@
+"""The ``mirrorfs`` command. Every verb but ``mount`` wraps the mount's files, so shell
+users (``echo complete > MNT/.mirror/ctl``) and the CLI share one path."""
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mirrorfs.sizes import format_size, parse_size
+
+GRANULARITY_MIN, GRANULARITY_MAX = 4 << 10, 64 << 20
+ENDED = ("completed", "cancelled", "failed")
+
+
+class CliError(Exception):
+    pass
+
+
+# ====================================================================== option types
+def _size_arg(lo: int, hi: int, power_of_two: bool = False) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if power_of_two and (v <= 0 or v & (v - 1)):
+            raise argparse.ArgumentTypeError(f"{text} is not a power of two")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range ({format_size(lo)} .. {format_size(hi)})")
+        return v
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("seconds must not be negative")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mirrorfs.mirror import CopyMode, ErrorPolicy, SyncMode  # no FUSE needed
+
+    ap = argparse.ArgumentParser(prog="mirrorfs", description=(
+        "Mirror a live raw disk image to a new target through a FUSE mount."))
+    sp = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    m = sp.add_parser("mount", help="mount SOURCE at MOUNTPOINT and mirror it to TARGET")
+    m.add_argument("source", metavar="SOURCE", help="raw image: regular file or block device")
+    m.add_argument("target", metavar="TARGET", help="created sparse if missing")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("--sync", type=SyncMode, choices=list(SyncMode), default=SyncMode.FULL)
+    m.add_argument("--granularity", type=_size_arg(GRANULARITY_MIN, GRANULARITY_MAX, True),
+                   default=64 << 10, metavar="SIZE", help="bytes per dirty bit (default 64K)")
+    m.add_argument("--speed", type=_size_arg(0, 1 << 50), default=0, metavar="RATE",
+                   help="copy rate limit in bytes/s, 0 = unlimited (default)")
+    m.add_argument("--buf-size", type=_size_arg(GRANULARITY_MIN, 1 << 30), default=16 << 20,
+                   metavar="SIZE", help="bytes in flight at once (default 16M)")
+    m.add_argument("--copy-mode", type=CopyMode, choices=list(CopyMode),
+                   default=CopyMode.BACKGROUND)
+    m.add_argument("--on-source-error", type=ErrorPolicy, choices=list(ErrorPolicy),
+                   default=ErrorPolicy.REPORT)
+    m.add_argument("--on-target-error", type=ErrorPolicy, choices=list(ErrorPolicy),
+                   default=ErrorPolicy.REPORT)
+    m.add_argument("--name", help="the image's file name in the mount (default: SOURCE's)")
+    m.add_argument("--foreground", action="store_true", help="do not daemonize")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users use the image (by its mode)")
+    m.add_argument("--debug", action="store_true", help="log debug messages")
+    m.add_argument("--log", dest="log_file", metavar="FILE", help="log to FILE")
+    m.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
+
+    s = sp.add_parser("status", help="show the job's status")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--json", action="store_true", help="print the raw ctl object")
+    s.add_argument("--watch", action="store_true", help="refresh every second until done")
+
+    w = sp.add_parser("wait", help="wait until the job is ready or done")
+    w.add_argument("mountpoint", metavar="MOUNTPOINT")
+    w.add_argument("until", choices=["ready", "done"])
+    w.add_argument("--timeout", type=_seconds, help="give up after S seconds (exit 2)")
+
+    for verb, text in (("complete", "pivot onto the target"),
+                       ("cancel", "stop the job (after ready: a consistent copy)")):
+        c = sp.add_parser(verb, help=text)
+        c.add_argument("mountpoint", metavar="MOUNTPOINT")
+        if verb == "cancel":
+            c.add_argument("--force", action="store_true", help="abandon at once")
+        c.add_argument("--no-wait", action="store_true", help="return once accepted")
+        c.add_argument("--timeout", type=_seconds, help="stop waiting after S seconds")
+
+    for verb, text in (("pause", "stop starting copies"), ("resume", "continue copying")):
+        sp.add_parser(verb, help=text).add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    sv = sp.add_parser("speed", help="change the copy rate limit (0 = unlimited)")
+    sv.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sv.add_argument("rate", type=_size_arg(0, 1 << 50), metavar="RATE")
+
+    cm = sp.add_parser("copy-mode", help="switch a running job to write-blocking")
+    cm.add_argument("mountpoint", metavar="MOUNTPOINT")
+    cm.add_argument("mode", choices=[str(CopyMode.WRITE_BLOCKING)])
+
+    ev = sp.add_parser("events", help="print the job's events")
+    ev.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    u = sp.add_parser("umount", help="unmount (the image must be closed)")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--timeout", type=_seconds, default=30.0,
+                   help="wait this long for the daemon to exit")
+    return ap
+
+
+# ====================================================================== the ctl file
+def ctl_path(mnt: str) -> str:
+    return os.path.join(mnt, ".mirror", "ctl")
+
+
+def read_status(mnt: str) -> dict[str, Any]:
+    try:
+        with open(ctl_path(mnt), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CliError(f"{mnt} is not a mirrorfs mount (no .mirror/ctl)") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise CliError(f"{mnt}: the mirrorfs daemon is gone (dead mount); "
+                           f"`mirrorfs umount {mnt}` cleans it up") from None
+        raise CliError(f"cannot read {ctl_path(mnt)}: {e.strerror}") from None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise CliError(f"{ctl_path(mnt)} did not return JSON") from None
+    if not isinstance(obj, dict):
+        raise CliError(f"{ctl_path(mnt)} did not return a JSON object")
+    return obj
+
+
+def send_command(mnt: str, command: str) -> None:
+    path = ctl_path(mnt)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except OSError as e:
+        raise CliError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        os.write(fd, (command + "\n").encode())
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            state = _state_or_unknown(mnt)
+            raise CliError(f"'{command}' refused: the job is {state}") from None
+        if e.errno == errno.EINVAL:
+            raise CliError(f"'{command}' is not a valid command") from None
+        raise CliError(f"'{command}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _state_or_unknown(mnt: str) -> str:
+    try:
+        st = read_status(mnt)
+    except CliError:
+        return "in an unknown state"
+    extra = " (paused)" if st.get("state") == "paused" else ""
+    ready = "" if st.get("ready") or st.get("state") in ENDED else ", not ready yet"
+    return f"{st.get('state')}{extra}{ready}"
+
+
+def wait_for(mnt: str, until: str, timeout: float | None,
+             poll_s: float = 0.1) -> tuple[int, dict[str, Any]]:
+    """0 when reached, 1 when the job ended otherwise, 2 on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        st = read_status(mnt)
+        state = st.get("state")
+        if until == "ready":
+            if st.get("ready") and state not in ("cancelled", "failed"):
+                return 0, st
+            if state in ENDED:
+                return 1, st
+        elif state in ENDED:
+            return 0, st
+        if deadline is not None and time.monotonic() >= deadline:
+            return 2, st
+        time.sleep(poll_s)
+
+
+# ====================================================================== human view
+def _bar(pct: float, width: int = 30) -> str:
+    full = int(width * pct / 100)
+    return "[" + "#" * full + "-" * (width - full) + "]"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    state = st.get("state", "?")
+    if state == "paused":
+        state += " (in sync)" if st.get("ready") else " (bulk copy)"
+    lines = [
+        f"state:     {state}   serving: {st.get('serving')}   "
+        f"target consistent: {'yes' if st.get('target_consistent') else 'no'}",
+        f"progress:  {_bar(float(st.get('progress', 0)))} {st.get('progress', 0):5.1f}%",
+        f"copied:    {format_size(st.get('copied_bytes', 0))}   "
+        f"remaining: {format_size(st.get('remaining_bytes', 0))}   "
+        f"size: {format_size(st.get('size', 0))}",
+    ]
+    rate = st.get("rate") or 0
+    eta = st.get("eta_seconds")
+    speed = st.get("speed") or 0
+    lines.append(f"rate:      {format_size(rate)}/s   limit: "
+                 f"{format_size(speed) + '/s' if speed else 'none'}   "
+                 f"ETA: {_eta(eta)}")
+    lines.append(f"mode:      sync {st.get('sync')}, {st.get('copy_mode')}, granularity "
+                 f"{format_size(st.get('granularity', 0))}")
+    if st.get("error"):
+        lines.append(f"error:     {st['error']}")
+    return "\n".join(lines)
+
+
+def _eta(eta: float | None) -> str:
+    if eta is None:
+        return "-"
+    m, s = divmod(int(eta), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+# ====================================================================== verbs
+def cmd_status(a: argparse.Namespace) -> int:
+    while True:
+        st = read_status(a.mountpoint)
+        if a.json:
+            print(json.dumps(st), flush=True)
+        else:
+            if a.watch and sys.stdout.isatty():
+                print("\033[H\033[J", end="")
+            print(format_status(st), flush=True)
+        if not a.watch or st.get("state") in ENDED:
+            return 0
+        time.sleep(1)
+
+
+def cmd_wait(a: argparse.Namespace) -> int:
+    rc, st = wait_for(a.mountpoint, a.until, a.timeout)
+    if rc == 1:
+        print(f"mirrorfs: the job ended {st.get('state')} before it was ready"
+              + (f": {st['error']}" if st.get("error") else ""), file=sys.stderr)
+    elif rc == 2:
+        print(f"mirrorfs: timed out; the job is {st.get('state')}", file=sys.stderr)
+    elif a.until == "done" and st.get("state") == "failed":
+        print(f"mirrorfs: the job failed: {st.get('error')}", file=sys.stderr)
+    return rc
+
+
+def _ending(a: argparse.Namespace, command: str, want: str) -> int:
+    send_command(a.mountpoint, command)
+    if a.no_wait:
+        return 0
+    rc, st = wait_for(a.mountpoint, "done", a.timeout)
+    if rc == 2:
+        print(f"mirrorfs: timed out; the job is {st.get('state')}", file=sys.stderr)
+        return 2
+    if st.get("state") != want:
+        print(f"mirrorfs: the job ended {st.get('state')}"
+              + (f": {st['error']}" if st.get("error") else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mnt = os.path.abspath(a.mountpoint)
+    pid = None
+    with contextlib.suppress(CliError):
+        st = read_status(mnt)
+        pid = st.get("pid")
+        if st.get("state") not in ENDED:
+            print(f"mirrorfs: note: the job was {st.get('state')}; it ends with the mount",
+                  file=sys.stderr)
+    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip()
+        if "busy" in msg.lower():
+            raise CliError(f"{mnt} is busy: a program still has the image open")
+        if "not mounted" in msg.lower() or "not found in" in msg.lower():
+            raise CliError(f"{mnt} is not mounted")
+        raise CliError(f"cannot unmount {mnt}: {msg}")
+    if isinstance(pid, int):
+        deadline = time.monotonic() + a.timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise CliError(f"unmounted, but the daemon (pid {pid}) is still running")
+            time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
+    from mirrorfs import mount  # imports pyfuse3: only for this verb
+
+    if not a.foreground:
+        return mount.spawn_daemon(argv)
+    opts = mount.MountOptions(
+        source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,
+        granularity=a.granularity, speed=a.speed, buf_size=a.buf_size,
+        copy_mode=a.copy_mode, on_source_error=a.on_source_error,
+        on_target_error=a.on_target_error, name=a.name, foreground=True,
+        allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
+        notify_fd=a.notify_fd)
+    return mount.run_daemon(opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = build_parser().parse_args(argv)
+    try:
+        if a.verb == "mount":
+            return cmd_mount(a, argv)
+        if a.verb == "status":
+            return cmd_status(a)
+        if a.verb == "wait":
+            return cmd_wait(a)
+        if a.verb == "complete":
+            return _ending(a, "complete", "completed")
+        if a.verb == "cancel":
+            return _ending(a, "cancel force" if a.force else "cancel", "cancelled")
+        if a.verb in ("pause", "resume"):
+            send_command(a.mountpoint, a.verb)
+            return 0
+        if a.verb == "speed":
+            send_command(a.mountpoint, f"speed {a.rate}")
+            return 0
+        if a.verb == "copy-mode":
+            send_command(a.mountpoint, f"copy-mode {a.mode}")
+            return 0
+        if a.verb == "events":
+            with open(os.path.join(a.mountpoint, ".mirror", "events"), "rb") as f:
+                sys.stdout.buffer.write(f.read())
+            return 0
+        if a.verb == "umount":
+            return cmd_umount(a)
+    except CliError as e:
+        print(f"mirrorfs: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled verb {a.verb}")

@@ -1,0 +1,153 @@
+"""What the mirror reads and writes: a raw image in a regular file or on a block device.
+
+One small interface (``Image``) so that the copy loop does not care where bytes live; an NBD
+export is meant to slot in beside ``FileImage``. Every method is a plain blocking syscall:
+the FUSE handlers call them inline (a thread round trip per request would cost more than a
+4 KiB pwrite), the copier calls them from worker threads in batches.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from typing import Protocol
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+ZERO_BLOCK = bytes(1 << 20)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode flags (os.posix_fallocate has none). Releases the GIL."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class Image(Protocol):
+    path: str
+    size: int
+
+    def pread_into(self, buf: memoryview, offset: int) -> int: ...
+    def pread(self, length: int, offset: int) -> bytes: ...
+    def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def next_data(self, offset: int) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileImage:
+    """A regular file or a block device opened O_RDWR."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        st = os.fstat(fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.size = block_device_size(fd) if self.is_block else st.st_size
+        self._punch_ok = True  # cleared when the filesystem says it cannot punch holes
+        self._seek_ok = not self.is_block
+
+    @classmethod
+    def open(cls, path: str) -> "FileImage":
+        return cls(path, os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+    # ------------------------------------------------------------------ data
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):  # only at the end of the image: read as zeros
+            buf[n:] = ZERO_BLOCK[: len(buf) - n] if len(buf) - n <= len(ZERO_BLOCK) else bytes(
+                len(buf) - n)
+        return n
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> int:
+        done = os.pwrite(self.fd, data, offset)
+        while done < len(data):  # short writes happen (signals, some filesystems)
+            n = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+        return done
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros without writing zero data where the
+        file system allows it: punch a hole (files) or zero the range (block devices)."""
+        if length <= 0:
+            return
+        if self._punch_ok:
+            mode = (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE if self.is_block
+                    else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            try:
+                fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._punch_ok = False
+        end = offset + length
+        while offset < end:
+            n = min(len(ZERO_BLOCK), end - offset)
+            self.pwrite(memoryview(ZERO_BLOCK)[:n], offset)
+            offset += n
+
+    def next_data(self, offset: int) -> int:
+        """Offset of the first byte at or after ``offset`` that may hold data (SEEK_DATA);
+        ``size`` if there is none. Where holes cannot be seen, everything is data."""
+        if not self._seek_ok:
+            return offset
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return self.size
+            if e.errno == errno.EINVAL:  # file system without SEEK_DATA
+                self._seek_ok = False
+                return offset
+            raise
+
+    def next_hole(self, offset: int) -> int:
+        if not self._seek_ok:
+            return self.size
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.EINVAL):
+                return self.size
+            raise
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """The allocated extents [start, end), via SEEK_DATA/SEEK_HOLE (one, for a device)."""
+        out: list[tuple[int, int]] = []
+        off = 0
+        while off < self.size:
+            d = self.next_data(off)
+            if d >= self.size:
+                break
+            h = min(self.next_hole(d), self.size)
+            out.append((d, h))
+            off = h
+        return out
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def block_device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)

@@ -1,0 +1,668 @@
+"""The mirror: the guest's write path, the copy loop, and the drain that ends a job.
+
+Invariants (see DOMAIN.md), kept where the comments say:
+ 1. A guest write marks its chunks dirty only after the data is in the source; the copier
+    clears a chunk's bit before it reads the source. A write racing a copy re-dirties the
+    chunk and it is copied again.
+ 2. Never two operations on overlapping chunks at once: every copy and every active write
+    holds its chunk range in ``_busy`` while it runs; an active write waits for overlapping
+    ones first, and the copier never picks a busy chunk.
+ 3. A failed copy or active write marks its range dirty again *before* the error policy
+    runs. Nothing is dropped.
+ 4. The pivot (and a cancel in ready) closes a gate in front of guest writes, waits for what
+    is in flight, copies what is still dirty, flushes the target, switches, reopens.
+ 6. A target error never becomes a guest I/O error.
+
+Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``,
+which a worker thread runs for a batch of copy operations. Guest I/O is done inline (a
+syscall on a page-cache file costs microseconds; a thread round trip costs 100).
+"""
+
+import dataclasses
+import enum
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from mirrorfs.bitmap import DirtyBitmap
+from mirrorfs.images import ZERO_BLOCK, FileImage
+from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
+from mirrorfs.ratelimit import RateMeter, TokenBucket
+
+log = logging.getLogger(__name__)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+class SyncMode(enum.StrEnum):
+    FULL = "full"
+    TOP = "top"
+    NONE = "none"
+
+
+class CopyMode(enum.StrEnum):
+    BACKGROUND = "background"
+    WRITE_BLOCKING = "write-blocking"
+
+
+class ErrorPolicy(enum.StrEnum):
+    REPORT = "report"
+    IGNORE = "ignore"
+    STOP = "stop"
+
+
+@dataclasses.dataclass(frozen=True)
+class MirrorConfig:
+    granularity: int = 64 * KiB
+    buf_size: int = 16 * MiB  # data bytes in flight at once
+    speed: int = 0  # bytes/s, 0 = unlimited
+    sync: SyncMode = SyncMode.FULL
+    copy_mode: CopyMode = CopyMode.BACKGROUND
+    on_source_error: ErrorPolicy = ErrorPolicy.REPORT
+    on_target_error: ErrorPolicy = ErrorPolicy.REPORT
+    target_fresh: bool = False  # the target was created sparse by us: it reads as zeros
+    max_op_bytes: int = 1 * MiB  # adjacent dirty chunks coalesce into ops up to this
+    batch_bytes: int = 4 * MiB  # data per worker-thread call (a thread trip costs ~100 us)
+    ops_per_batch: int = 64
+    drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
+    max_backoff_s: float = 5.0
+
+
+class CopyError(Exception):
+    def __init__(self, side: str, offset: int, length: int, err: OSError) -> None:
+        self.side, self.offset, self.length, self.err = side, offset, length, err
+        what = "reading the source" if side == "source" else "writing the target"
+        super().__init__(f"error {what} at offset {offset} (+{length}): "
+                         f"{err.strerror or err}")
+
+
+@dataclasses.dataclass(eq=False)
+class CopyOp:
+    a: int  # chunk range [a, b)
+    b: int
+    offset: int  # byte range, clipped to the image size
+    length: int
+    zero: bool  # the source has a hole here: make the target read zeros, read nothing
+    done: bool = False
+    error: CopyError | None = None
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    busy: "_Busy | None" = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Busy:
+    """A chunk range that a copy or an active write holds (invariant 2)."""
+
+    a: int
+    b: int
+    done: trio.Event
+    copy_bytes: int  # bytes of a copy op, 0 for an active write
+
+
+class Mirror:
+    def __init__(self, source: FileImage, target: FileImage, cfg: MirrorConfig,
+                 job: Job | None = None, clock: Callable[[], float] = trio.current_time,
+                 pid: int | None = None) -> None:
+        self.source, self.target, self.cfg = source, target, cfg
+        self.size = source.size
+        self.job = job if job is not None else Job()
+        self._now = clock
+        self.pid = pid if pid is not None else os.getpid()
+        self.bitmap = DirtyBitmap(self.size, cfg.granularity)
+        self.serving: FileImage = source
+        self.copy_mode = cfg.copy_mode
+        self.actively_synced = False
+        self.bucket = TokenBucket(cfg.speed, clock())
+        self.meter = RateMeter()
+        self._t0 = clock()
+        self._busy: list[_Busy] = []
+        self._batches = 0
+        self._inflight_data = 0
+        self._wakeup = trio.Event()
+        self._gate: trio.Event | None = None  # set while guest writes must wait
+        self._abandon = False  # cancel force / cancel before ready: stop, copy nothing more
+        self._paused_from: State | None = None
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._cursor = 0
+        self._buffers: list[bytearray] = []
+        self._zero_mv = memoryview(ZERO_BLOCK)
+        # statistics
+        self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
+        self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
+        self.active_bytes = 0  # ... of which written by active (write-blocking) writes
+        self.guest_writes = 0
+        self._mark_initial()
+
+    # ================================================================== setup
+    def _mark_initial(self) -> None:
+        sync = self.cfg.sync
+        if sync is SyncMode.FULL or (sync is SyncMode.TOP and not self.cfg.target_fresh):
+            # An existing target may hold anything where the source has holes: copy
+            # everything (holes become punch-hole/zero-range ops, never zero data).
+            self.bitmap.mark_all()
+        elif sync is SyncMode.TOP:
+            for start, end in self.source.data_extents():
+                self.bitmap.mark(start, end - start)
+        self.job.emit("started", source=self.source.path, target=self.target.path,
+                      size=self.size, sync=str(sync), copy_mode=str(self.copy_mode),
+                      granularity=self.cfg.granularity, speed=self.bucket.rate,
+                      remaining_bytes=self.bitmap.dirty_bytes)
+
+    # ================================================================== guest I/O
+    @property
+    def tracking(self) -> bool:
+        """Are guest writes mirrored (marked dirty or written through)?"""
+        return not self.job.ended and not self._abandon
+
+    @property
+    def _active(self) -> bool:
+        # Write-blocking mode; also while draining towards the pivot or a consistent cancel,
+        # so that complete and cancel converge however fast the guest writes.
+        return self.copy_mode is CopyMode.WRITE_BLOCKING or self.job.state in (
+            State.COMPLETING, State.CANCELLING)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.serving.pread(length, offset)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        while self._gate is not None:
+            await self._gate.wait()
+        if not self.tracking:
+            return self.serving.pwrite(data, offset)
+        self.guest_writes += 1
+        if self._active:
+            return await self._active_write(offset, data)
+        n = self.source.pwrite(data, offset)
+        self.bitmap.mark(offset, n)  # invariant 1: only after the data is in the source
+        self._wakeup.set()
+        return n
+
+    async def fsync(self) -> None:
+        serving = self.serving
+        await trio.to_thread.run_sync(serving.flush)
+        if serving is self.source and self.tracking and self._active:
+            try:
+                await trio.to_thread.run_sync(self.target.flush)
+            except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
+                self._on_error(CopyError("target", 0, self.size, e))
+
+    def _overlap(self, a: int, b: int) -> _Busy | None:
+        for busy in self._busy:
+            if busy.a < b and a < busy.b:
+                return busy
+        return None
+
+    def _hold(self, a: int, b: int, copy_bytes: int) -> _Busy:
+        busy = _Busy(a, b, trio.Event(), copy_bytes)
+        self._busy.append(busy)
+        return busy
+
+    def _release(self, busy: _Busy) -> None:
+        self._busy.remove(busy)
+        busy.done.set()
+        self._wakeup.set()
+
+    async def _active_write(self, offset: int, data: bytes) -> int:
+        """Write-blocking: source, then target, before the guest's write returns."""
+        a, b = self.bitmap.chunks_of(offset, len(data))
+        # Invariant 2: wait for overlapping copies and active writes, then hold the range
+        # (the check and the hold happen with no checkpoint in between).
+        while (other := self._overlap(a, b)) is not None:
+            await other.done.wait()
+        if not self.tracking:  # the job ended while we waited
+            return self.serving.pwrite(data, offset)
+        busy = self._hold(a, b, 0)
+        try:
+            n = self.source.pwrite(data, offset)
+            lo, hi = self._target_part(offset, offset + n)
+            if lo < hi:
+                try:
+                    self.target.pwrite(memoryview(data)[lo - offset:hi - offset], lo)
+                except OSError as e:
+                    self.bitmap.mark_chunks(a, b)  # invariant 3, then the policy
+                    self._on_error(CopyError("target", lo, hi - lo, e))
+                else:
+                    ca, cb = self._full_chunks(lo, hi)
+                    self.bitmap.clear_chunks(ca, cb)
+                    self.active_bytes += hi - lo
+                    self.copied_bytes += hi - lo
+            return n
+        finally:
+            self._release(busy)
+
+    def _target_part(self, lo: int, hi: int) -> tuple[int, int]:
+        """The part of a guest write that can go to the target now: all of it, except the
+        partly covered chunks at either end that are still dirty (the target lacks the rest
+        of those chunks; the copier brings them over whole)."""
+        g = self.cfg.granularity
+        bm = self.bitmap
+        if hi <= lo:
+            return lo, lo
+        head = lo // g
+        head_end = min((head + 1) * g, self.size)
+        if (lo % g or hi < head_end) and bm.is_dirty(head):
+            lo = head_end
+        tail = (hi - 1) // g
+        if hi < min((tail + 1) * g, self.size) and tail * g >= lo and bm.is_dirty(tail):
+            hi = tail * g
+        return lo, max(lo, hi)
+
+    def _full_chunks(self, lo: int, hi: int) -> tuple[int, int]:
+        g = self.cfg.granularity
+        a = -(-lo // g)
+        b = self.bitmap.nchunks if hi >= self.size else hi // g
+        return a, max(a, b)
+
+    # ================================================================== verbs
+    def complete(self) -> None:
+        self.job.check(Verb.COMPLETE)
+        self.job.transition(State.COMPLETING, "completing",
+                            remaining_bytes=self.remaining_bytes)
+        self._wakeup.set()
+
+    def cancel(self, force: bool = False) -> None:
+        verb = Verb.CANCEL_FORCE if force else Verb.CANCEL
+        self.job.check(verb)
+        was = self.job.state
+        # Before ready, a cancel has nothing consistent to offer: it abandons at once.
+        self._abandon = force or not self.job.ready
+        if was is State.PAUSED:
+            self._paused_from = None
+        self.job.transition(State.CANCELLING, "cancelling", force=force,
+                            remaining_bytes=self.remaining_bytes)
+        self._open_gate()
+        self._wakeup.set()
+
+    def pause(self) -> None:
+        self.job.check(Verb.PAUSE)
+        self._pause(None)
+
+    def _pause(self, error: str | None) -> None:
+        self._paused_from = self.job.state
+        self.job.transition(State.PAUSED, "paused", **({"error": error} if error else {}))
+        self._open_gate()  # never hold the guest while nothing copies
+        self._wakeup.set()
+
+    def resume(self) -> None:
+        self.job.check(Verb.RESUME)
+        back = self._paused_from or (State.READY if self.job.ready else State.COPYING)
+        self._paused_from = None
+        self.job.error = None
+        self._backoff_s = self._backoff_until = 0.0
+        self.job.transition(back, "resumed", state=str(back))
+        self._wakeup.set()
+
+    def set_speed(self, speed: int) -> None:
+        self.job.check(Verb.SPEED)
+        self.bucket.set_rate(speed, self._now())
+        self.job.emit("speed", speed=speed)
+        self._wakeup.set()
+
+    def set_copy_mode(self, mode: CopyMode) -> None:
+        self.job.check(Verb.COPY_MODE)
+        if mode is self.copy_mode:
+            return
+        if mode is CopyMode.BACKGROUND:
+            raise VerbRefused(Verb.COPY_MODE, self.job.state,
+                              "the copy mode can only change from background to write-blocking")
+        self.copy_mode = mode
+        self.actively_synced = False
+        self.job.emit("copy_mode", copy_mode=str(mode))
+        self._wakeup.set()
+
+    # ================================================================== errors
+    def _on_error(self, err: CopyError) -> None:
+        """Apply the error policy. The failed range is already dirty again (invariant 3)."""
+        policy = self.cfg.on_source_error if err.side == "source" else self.cfg.on_target_error
+        msg = str(err)
+        log.error("%s (policy: %s)", msg, policy)
+        if self.job.ended or self._abandon:
+            return  # nothing more is copied anyway
+        self.job.emit("error", side=err.side, message=msg, action=str(policy),
+                      offset=err.offset, length=err.length)
+        if policy is ErrorPolicy.REPORT:
+            self._fail(msg)
+        elif policy is ErrorPolicy.STOP:
+            self.job.error = msg
+            if self.job.state is not State.PAUSED and not self._abandon:
+                self._pause(msg)
+        else:
+            self.job.error = msg
+            self._backoff_s = min(max(self._backoff_s * 2, 0.1), self.cfg.max_backoff_s)
+            self._backoff_until = self._now() + self._backoff_s
+        self._wakeup.set()
+
+    def _fail(self, msg: str) -> None:
+        self.job.error = msg
+        self.job.target_consistent = False
+        self.job.transition(State.FAILED, "failed", error=msg)
+        self._open_gate()
+
+    # ================================================================== status
+    @property
+    def inflight_bytes(self) -> int:
+        n = 0
+        for busy in self._busy:
+            if busy.copy_bytes:
+                start, end = self.bitmap.byte_range(busy.a, busy.b)
+                # chunks re-dirtied during their copy are counted as dirty already
+                n += end - start - self.bitmap.count(busy.a, busy.b) * self.cfg.granularity
+        return max(n, 0)
+
+    @property
+    def remaining_bytes(self) -> int:
+        if self.job.state is State.COMPLETED or (self.job.state is State.CANCELLED
+                                                  and self.job.target_consistent):
+            return 0
+        return min(self.size, self.bitmap.dirty_bytes + self.inflight_bytes)
+
+    def status(self) -> dict[str, Any]:
+        now = self._now()
+        remaining = self.remaining_bytes
+        done = self.copied_bytes
+        progress = 100.0 if remaining == 0 else math.floor(1000 * done / (done + remaining)) / 10
+        rate = self.meter.rate(now, self._t0)
+        job = self.job
+        return {
+            "state": str(job.state),
+            "ready": job.ready,
+            "serving": "target" if self.serving is self.target else "source",
+            "size": self.size,
+            "sync": str(self.cfg.sync),
+            "copy_mode": str(self.copy_mode),
+            "granularity": self.cfg.granularity,
+            "speed": self.bucket.rate,
+            "copied_bytes": done,
+            "remaining_bytes": remaining,
+            "progress": progress,
+            "target_consistent": job.target_consistent,
+            "error": job.error,
+            "pid": self.pid,
+            "source": self.source.path,
+            "target": self.target.path,
+            "buf_size": self.cfg.buf_size,
+            "on_source_error": str(self.cfg.on_source_error),
+            "on_target_error": str(self.cfg.on_target_error),
+            "actively_synced": self.actively_synced,
+            "dirty_bytes": self.bitmap.dirty_bytes,
+            "in_flight_bytes": self.inflight_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
+            "active_bytes": self.active_bytes,
+            "rate": round(rate),
+            "eta_seconds": round(remaining / rate, 1) if rate > 0 and remaining else None,
+            "elapsed_seconds": round(now - self._t0, 1),
+        }
+
+    # ================================================================== the copy loop
+    async def run(self) -> None:
+        """The copy loop; returns when the job has ended. Worker batches run in a nursery
+        of their own, so the loop always waits for them (no copy outlives the job)."""
+        async with trio.open_nursery() as nursery:
+            while not self.job.ended:
+                await self._step(nursery)
+        log.info("mirror loop ended in state %s", self.job.state)
+
+    async def _step(self, nursery: trio.Nursery) -> None:
+        self._wakeup = trio.Event()
+        state = self.job.state
+        now = self._now()
+        if state is State.CANCELLING and self._abandon:
+            if not self._busy:
+                self._end(State.CANCELLED, consistent=False)
+                return
+            await self._wakeup.wait()
+            return
+        if state is State.PAUSED:
+            await self._wakeup.wait()
+            return
+        if now < self._backoff_until:
+            with trio.move_on_after(self._backoff_until - now):
+                await self._wakeup.wait()
+            return
+        draining = state in (State.COMPLETING, State.CANCELLING)
+        if draining and self._gate is None and self.remaining_bytes <= self.cfg.drain_bytes:
+            self._gate = trio.Event()  # invariant 4: stop admitting writes
+        if self._gate is not None and not self._busy and not self.bitmap.dirty_chunks:
+            await self._finish()
+            return
+        delay = self._start_batches(nursery, unthrottled=self._gate is not None)
+        if not self._busy and not self.bitmap.dirty_chunks:
+            self._caught_up()
+            if self.job.ended or self.job.state is not state:
+                return
+        if delay:
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+        else:
+            await self._wakeup.wait()
+
+    def _start_batches(self, nursery: trio.Nursery, unthrottled: bool) -> float:
+        """Start worker batches while buffer space and tokens last. Returns how long to
+        wait for tokens (0: wait for a wakeup)."""
+        cfg = self.cfg
+        max_batches = max(1, cfg.buf_size // cfg.batch_bytes)
+        while self._batches < max_batches and self._inflight_data < cfg.buf_size:
+            budget = min(cfg.batch_bytes, cfg.buf_size - self._inflight_data)
+            if not unthrottled:
+                now = self._now()
+                allowance = self.bucket.allowance(now)
+                if allowance == 0:
+                    return self.bucket.delay(now)
+                if allowance is not None:
+                    budget = min(budget, allowance)
+            ops = self._pick(max(budget, cfg.granularity))
+            if not ops:
+                return 0.0
+            data = sum(op.length for op in ops if not op.zero)
+            if not unthrottled:
+                self.bucket.charge(data, self._now())
+            self._batches += 1
+            self._inflight_data += data
+            nursery.start_soon(self._run_batch, ops, data)
+        return 0.0
+
+    def _find_free_dirty(self) -> tuple[int, int] | None:
+        """Next dirty run at or after the cursor (wrapping once) that no busy range
+        overlaps, cut short where a busy range begins."""
+        bm = self.bitmap
+        start = self._cursor
+        for wrapped in (False, True):
+            stop = bm.nchunks if not wrapped else self._cursor
+            pos = 0 if wrapped else start
+            while pos < stop:
+                a = bm.find_dirty(pos, stop)
+                if a < 0:
+                    break
+                busy = self._overlap(a, a + 1)
+                if busy is not None:
+                    pos = busy.b
+                    continue
+                limit = min((x.a for x in self._busy if x.a > a), default=bm.nchunks)
+                return a, bm.run_end(a, limit)
+        return None
+
+    def _pick(self, data_budget: int) -> list[CopyOp]:
+        """Choose the next ops, clear their dirty bits and hold their ranges.
+
+        Invariant 1: the bits are cleared here, before any worker reads the source."""
+        cfg, bm = self.cfg, self.bitmap
+        g, shift = cfg.granularity, bm.shift
+        op_chunks = max(1, cfg.max_op_bytes >> shift)
+        ops: list[CopyOp] = []
+        data = 0
+        while len(ops) < cfg.ops_per_batch and data < data_budget:
+            run = self._find_free_dirty()
+            if run is None:
+                break
+            a, b = run
+            while a < b and len(ops) < cfg.ops_per_batch and data < data_budget:
+                start = a << shift
+                d = self.source.next_data(start)
+                if d >= start + g or d >= self.size:
+                    # a hole covers whole chunks: one op, however long, reads nothing
+                    e = b if d >= self.size else min(b, d >> shift)
+                    op = self._make_op(a, e, zero=True)
+                else:
+                    room = max(1, (data_budget - data) >> shift)
+                    e = min(b, a + min(op_chunks, room))
+                    op = self._make_op(a, e, zero=False)
+                    data += op.length
+                bm.clear_chunks(op.a, op.b)
+                ops.append(op)
+                a = op.b
+            self._cursor = a if a < bm.nchunks else 0
+        return ops
+
+    def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
+        start, end = self.bitmap.byte_range(a, b)
+        op = CopyOp(a, b, start, end - start, zero)
+        op.busy = self._hold(a, b, end - start)
+        return op
+
+    async def _run_batch(self, ops: list[CopyOp], data: int) -> None:
+        buf = self._buffers.pop() if self._buffers else bytearray(
+            max(self.cfg.max_op_bytes, self.cfg.granularity))
+        try:
+            await trio.to_thread.run_sync(self._copy_batch_sync, ops, buf)
+        finally:
+            self._buffers.append(buf)
+            self._batches -= 1
+            self._inflight_data -= data
+            self._settle(ops)
+
+    def _settle(self, ops: list[CopyOp]) -> None:
+        now = self._now()
+        first_error: CopyError | None = None
+        for op in ops:
+            if not op.done:
+                self.bitmap.mark_chunks(op.a, op.b)  # invariant 3: dirty again first
+                first_error = first_error or op.error
+            else:
+                self.copied_bytes += op.length
+                self.zeroed_bytes += op.zero_bytes
+                self.meter.add(op.length, now)
+            assert op.busy is not None
+            self._release(op.busy)
+        if first_error is not None:
+            self._on_error(first_error)
+        elif self._backoff_s and not self.job.ended:
+            self._backoff_s = 0.0
+            if self.cfg.on_source_error is ErrorPolicy.IGNORE or \
+                    self.cfg.on_target_error is ErrorPolicy.IGNORE:
+                self.job.error = None
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------ worker thread
+    def _copy_batch_sync(self, ops: list[CopyOp], buf: bytearray) -> None:
+        """Runs in a worker thread: no trio, no bitmap. Stops at the first error; the
+        ops not done are marked dirty again by ``_settle``."""
+        mv = memoryview(buf)
+        for op in ops:
+            try:
+                if op.zero:
+                    self._target_zero(op.offset, op.length)
+                    op.zero_bytes = op.length
+                else:
+                    view = mv[:op.length]
+                    try:
+                        self.source.pread_into(view, op.offset)
+                    except OSError as e:
+                        raise CopyError("source", op.offset, op.length, e) from e
+                    op.zero_bytes = self._write_out(view, op.offset)
+                    op.data_bytes = op.length - op.zero_bytes
+                op.done = True
+            except CopyError as e:
+                op.error = e
+                return
+
+    def _target_zero(self, offset: int, length: int) -> None:
+        try:
+            self.target.write_zeroes(offset, length)
+        except OSError as e:
+            raise CopyError("target", offset, length, e) from e
+
+    def _write_out(self, view: memoryview, offset: int) -> int:
+        """Write a buffer to the target, turning all-zero chunks into holes. Returns the
+        bytes written as zeros."""
+        step = min(self.cfg.granularity, len(view))
+        n = len(view)
+        zeros = 0
+        pos = 0
+        while pos < n:
+            is_zero = self._is_zero(view, pos, min(pos + step, n))
+            end = pos + step
+            while end < n and self._is_zero(view, end, min(end + step, n)) == is_zero:
+                end += step
+            end = min(end, n)
+            try:
+                if is_zero:
+                    self.target.write_zeroes(offset + pos, end - pos)
+                    zeros += end - pos
+                else:
+                    self.target.pwrite(view[pos:end], offset + pos)
+            except OSError as e:
+                raise CopyError("target", offset + pos, end - pos, e) from e
+            pos = end
+        return zeros
+
+    def _is_zero(self, view: memoryview, lo: int, hi: int) -> bool:
+        # memoryview == memoryview compares element by element; bytes == bytes is memcmp.
+        # Most data chunks fail on the first bytes, so test those before copying a chunk.
+        if view[lo:lo + 16].tobytes() != ZERO_BLOCK[:min(16, hi - lo)]:
+            return False
+        z = ZERO_BLOCK
+        pos = lo
+        while pos < hi:
+            n = min(len(z), hi - pos)
+            if view[pos:pos + n].tobytes() != z[:n]:
+                return False
+            pos += n
+        return True
+
+    # ------------------------------------------------------------------ phases
+    def _caught_up(self) -> None:
+        """Nothing dirty and nothing in flight: the target equals the source."""
+        if self.copy_mode is CopyMode.WRITE_BLOCKING and not self.actively_synced:
+            self.actively_synced = True
+            self.job.emit("actively_synced")
+        if self.job.state is State.COPYING:
+            self.job.ready = True
+            self.job.transition(State.READY, "ready", copied_bytes=self.copied_bytes,
+                                elapsed_seconds=round(self._now() - self._t0, 3))
+
+    async def _finish(self) -> None:
+        """The gate is closed, nothing is dirty or in flight: flush, then pivot or end."""
+        try:
+            await trio.to_thread.run_sync(self.target.flush)
+        except OSError as e:
+            # Written data may be lost: we cannot tell which, so the whole image is dirty.
+            self.bitmap.mark_all()
+            self._open_gate()
+            self._on_error(CopyError("target", 0, self.size, e))
+            return
+        if self.job.state is State.COMPLETING:
+            self.serving = self.target  # from now on the guest's I/O goes to the target
+            self._end(State.COMPLETED, consistent=True)
+        elif self.job.state is State.CANCELLING:
+            self._end(State.CANCELLED, consistent=True)
+
+    def _end(self, state: State, consistent: bool) -> None:
+        assert state in ENDED
+        self.job.target_consistent = consistent
+        details: dict[str, Any] = {"copied_bytes": self.copied_bytes,
+                                   "target_consistent": consistent}
+        if state is State.CANCELLED and not consistent:
+            details["remaining_bytes"] = self.remaining_bytes
+        self.job.transition(state, str(state), **details)
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            gate.set()

@@ -1,0 +1,392 @@
+"""``mirrorfs mount``: check everything, open and lock the images, mount, run the job.
+
+Without --foreground the command starts the daemon (this same code with --foreground and a
+notification pipe) and returns only when the daemon reports that the mount is live and the
+job runs, or prints the daemon's one-line error. Every check happens before anything is
+created; if a later step fails, what was created (the target file) is removed again.
+"""
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pyfuse3
+import trio
+
+from mirrorfs.fs import MirrorOperations
+from mirrorfs.images import FileImage
+from mirrorfs.job import Job
+from mirrorfs.locks import ImageLocked, lock_image
+from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+
+log = logging.getLogger(__name__)
+
+DAEMON_START_TIMEOUT_S = 60
+
+
+class MountError(Exception):
+    """A reason not to mount, as one line for the user."""
+
+
+@dataclasses.dataclass
+class MountOptions:
+    source: str
+    target: str
+    mountpoint: str
+    sync: SyncMode = SyncMode.FULL
+    granularity: int = 64 << 10
+    speed: int = 0
+    buf_size: int = 16 << 20
+    copy_mode: CopyMode = CopyMode.BACKGROUND
+    on_source_error: ErrorPolicy = ErrorPolicy.REPORT
+    on_target_error: ErrorPolicy = ErrorPolicy.REPORT
+    name: str | None = None
+    foreground: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    notify_fd: int | None = None
+
+
+@dataclasses.dataclass
+class Prepared:
+    source: FileImage
+    target: FileImage
+    target_created: bool
+    mountpoint: str
+    name: str
+    notes: list[str]
+    fresh: bool = False  # the target was created here, sparse: it reads as zeros
+
+    def close(self) -> None:
+        self.source.close()
+        self.target.close()
+        if self.target_created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.target.path)
+
+
+# ====================================================================== checks
+def _stat(path: str, what: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise MountError(f"{what} {path}: {e.strerror}") from None
+
+
+def mount_table() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4].replace("\\040", " ") for line in f]
+
+
+def check_mountpoint(path: str, notes: list[str]) -> str:
+    mnt = os.path.abspath(path)
+    if mnt in mount_table():
+        try:
+            os.stat(mnt)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise MountError(f"mountpoint {mnt}: {e.strerror}") from None
+            # A daemon that died (kill -9, crash) leaves a dead FUSE mount behind.
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+            if mnt in mount_table():
+                raise MountError(f"mountpoint {mnt} holds a dead mount that could not be "
+                                 "removed (try: umount -l)") from None
+            notes.append(f"removed the dead mount left at {mnt} by a daemon that had died")
+        else:
+            raise MountError(f"mountpoint {mnt} is busy: something is already mounted there")
+    st = _stat(mnt, "mountpoint")
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mnt} is not a directory")
+    return mnt
+
+
+def check_images(opts: MountOptions) -> tuple[str, os.stat_result, str, os.stat_result | None]:
+    src = os.path.abspath(opts.source)
+    sst = _stat(src, "source")
+    if stat.S_ISDIR(sst.st_mode):
+        raise MountError(f"source {src} is a directory, not a disk image")
+    if not (stat.S_ISREG(sst.st_mode) or stat.S_ISBLK(sst.st_mode)):
+        raise MountError(f"source {src} is neither a regular file nor a block device")
+    tgt = os.path.abspath(opts.target)
+    try:
+        tst: os.stat_result | None = os.stat(tgt)
+    except FileNotFoundError:
+        tst = None
+        parent = os.path.dirname(tgt)
+        if not os.path.isdir(parent):
+            raise MountError(f"target directory {parent} does not exist") from None
+    except OSError as e:
+        raise MountError(f"target {tgt}: {e.strerror}") from None
+    if tst is not None:
+        if (tst.st_dev, tst.st_ino) == (sst.st_dev, sst.st_ino) or (
+                stat.S_ISBLK(tst.st_mode) and tst.st_rdev == sst.st_rdev
+                and stat.S_ISBLK(sst.st_mode)):
+            raise MountError(f"source and target are the same file ({src}, {tgt})")
+        if stat.S_ISDIR(tst.st_mode):
+            raise MountError(f"target {tgt} is a directory")
+        if not (stat.S_ISREG(tst.st_mode) or stat.S_ISBLK(tst.st_mode)):
+            raise MountError(f"target {tgt} is neither a regular file nor a block device")
+    return src, sst, tgt, tst
+
+
+def _open_image(path: str, what: str) -> FileImage:
+    try:
+        return FileImage.open(path)
+    except OSError as e:
+        raise MountError(f"cannot open {what} {path} for writing: {e.strerror}") from None
+
+
+def _lock(img: FileImage, what: str) -> None:
+    try:
+        lock_image(img.fd, img.path)
+    except ImageLocked as e:
+        raise MountError(f"{what} {e}") from None
+
+
+def prepare(opts: MountOptions) -> Prepared:
+    """Everything short of mounting. On error nothing is left changed."""
+    notes: list[str] = []
+    src, _sst, tgt, tst = check_images(opts)
+    mnt = check_mountpoint(opts.mountpoint, notes)
+    for path in (src, tgt):
+        if path == mnt or path.startswith(mnt + os.sep):
+            raise MountError(f"{path} lies inside the mountpoint {mnt}")
+    name = opts.name or os.path.basename(src)
+    if not name or "/" in name or name in (".", "..", ".mirror"):
+        raise MountError(f"invalid image name {name!r}")
+    source = _open_image(src, "source")
+    target: FileImage | None = None
+    created = False
+    try:
+        _lock(source, "source")
+        if source.size == 0:
+            raise MountError(f"source {src} is empty")
+        if tst is not None:
+            target = _open_image(tgt, "target")
+            _lock(target, "target")
+            _check_target_size(target, source.size)
+        else:
+            target = _create_target(tgt, source.size, source.fd)
+            created = True
+            _lock(target, "target")
+    except BaseException:
+        source.close()
+        if target is not None:
+            target.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(tgt)
+        raise
+    return Prepared(source, target, created, mnt, name, notes, fresh=created)
+
+
+def _check_target_size(target: FileImage, size: int) -> None:
+    if target.is_block:
+        if target.size < size:
+            raise MountError(f"target device {target.path} has {target.size} bytes, "
+                             f"less than the source's {size}")
+    elif target.size != size:
+        raise MountError(f"target {target.path} has {target.size} bytes but the source has "
+                         f"{size}: they must be the same size")
+
+
+def _create_target(path: str, size: int, source_fd: int) -> FileImage:
+    mode = os.fstat(source_fd).st_mode & 0o666 or 0o600
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except OSError as e:
+        raise MountError(f"cannot create target {path}: {e.strerror}") from None
+    try:
+        os.ftruncate(fd, size)  # sparse: reads as zeros, allocates nothing
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        raise MountError(f"cannot size target {path} to {size} bytes: {e.strerror}") from None
+    return FileImage(path, fd)
+
+
+# ====================================================================== the daemon
+def setup_logging(opts: MountOptions) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+    if opts.log_file:
+        h: logging.Handler = logging.FileHandler(opts.log_file)
+    elif opts.notify_fd is None:
+        h = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        h = logging.handlers.SysLogHandler("/dev/log")
+        fmt = "mirrorfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        h = logging.NullHandler()
+    h.setFormatter(logging.Formatter(fmt))
+    root.addHandler(h)
+
+
+class _Notifier:
+    """The daemon's line to the waiting ``mirrorfs mount``: NOTE/OK/ERROR lines."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.done = False  # OK or ERROR was sent
+
+    def send(self, kind: str, msg: str = "") -> None:
+        if self.done:
+            return
+        if kind in ("OK", "ERROR"):
+            self.done = True
+        if self.fd is None:
+            if kind == "ERROR":
+                print(f"mirrorfs: error: {msg}", file=sys.stderr)
+            elif kind == "NOTE":
+                print(f"mirrorfs: {msg}", file=sys.stderr)
+            return
+        line = f"{kind} {msg}".strip().replace("\n", " ") + "\n"
+        with contextlib.suppress(OSError):
+            os.write(self.fd, line.encode())
+        if kind in ("OK", "ERROR"):
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def run_daemon(opts: MountOptions) -> int:
+    """Mount and serve in this process until unmounted. Returns the exit status."""
+    setup_logging(opts)
+    notify = _Notifier(opts.notify_fd)
+    try:
+        prep = prepare(opts)
+    except MountError as e:
+        notify.send("ERROR", str(e))
+        return 1
+    for note in prep.notes:
+        notify.send("NOTE", note)
+    ops = MirrorOperations(prep.name, os.getuid(), os.getgid())
+    fuse_opts = set(pyfuse3.default_options)
+    fuse_opts |= {"fsname=mirrorfs", "subtype=mirrorfs"}
+    if opts.allow_other:
+        fuse_opts.add("allow_other")
+    try:
+        pyfuse3.init(ops, prep.mountpoint, fuse_opts)
+    except Exception as e:  # pyfuse3 raises RuntimeError with little detail
+        prep.close()
+        why = "is /dev/fuse available and the fuse3 package installed?"
+        notify.send("ERROR", f"cannot mount FUSE at {prep.mountpoint} ({e}): {why}")
+        return 1
+    log.info("mounted %s at %s (source %s, target %s)", prep.name, prep.mountpoint,
+             prep.source.path, prep.target.path)
+    prep.target_created = False  # from here on the target is the job's, even on failure
+    crashed = True
+    try:
+        trio.run(_serve, ops, prep, opts, notify)
+        crashed = False
+    except BaseException:
+        log.exception("the daemon failed")
+        raise
+    finally:
+        # After a crash, leave the mount as it is: an unmount would make the mountpoint
+        # look like an empty directory to whatever still uses it (s3ql does the same).
+        pyfuse3.close(unmount=not crashed)
+        prep.close()
+        notify.send("ERROR", "the daemon stopped before the mount was ready")
+    return 0
+
+
+async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
+                 notify: _Notifier) -> None:
+    cfg = MirrorConfig(granularity=opts.granularity, buf_size=opts.buf_size, speed=opts.speed,
+                       sync=opts.sync, copy_mode=opts.copy_mode,
+                       on_source_error=opts.on_source_error,
+                       on_target_error=opts.on_target_error,
+                       target_fresh=prep.fresh)
+    mirror = Mirror(prep.source, prep.target, cfg, Job())
+    ops.mirror = mirror
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        nursery.start_soon(mirror.run)
+        notify.send("OK")
+        await pyfuse3.main()
+        if not mirror.job.ended:
+            log.warning("unmounted while the job was %s: the job is abandoned",
+                        mirror.job.state)
+        nursery.cancel_scope.cancel()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %s: unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+
+
+# ====================================================================== the launcher
+def spawn_daemon(argv: list[str]) -> int:
+    """Start ``mirrorfs mount ... --foreground`` as a daemon and wait for its word."""
+    rfd, wfd = os.pipe()
+    cmd = [sys.executable, "-m", "mirrorfs", *argv, "--foreground", "--notify-fd", str(wfd)]
+    with open(os.devnull, "r+b") as devnull:
+        proc = subprocess.Popen(cmd, stdin=devnull, stdout=devnull, stderr=devnull,
+                                pass_fds=(wfd,), start_new_session=True, close_fds=True)
+    os.close(wfd)
+    ok = False
+    error = None
+    with _reader(rfd) as lines:
+        for kind, msg in lines:
+            if kind == "NOTE":
+                print(f"mirrorfs: {msg}", file=sys.stderr)
+            elif kind == "OK":
+                ok = True
+                break
+            elif kind == "ERROR":
+                error = msg
+                break
+    if ok:
+        return 0
+    if error is None:
+        if proc.poll() is None:
+            proc.kill()
+            error = f"the daemon did not report within {DAEMON_START_TIMEOUT_S} s"
+        else:
+            error = f"the daemon exited with status {proc.wait()} before mounting"
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    print(f"mirrorfs: error: {error}", file=sys.stderr)
+    return 1
+
+
+@contextlib.contextmanager
+def _reader(fd: int) -> Iterator[Iterator[tuple[str, str]]]:
+    def lines() -> Iterator[tuple[str, str]]:
+        buf = b""
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                kind, _, msg = line.decode(errors="replace").partition(" ")
+                yield kind, msg
+
+    try:
+        yield lines()
+    finally:
+        os.close(fd)

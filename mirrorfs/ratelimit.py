@@ -1,0 +1,82 @@
+"""Copy-rate limiting (a token bucket over short slices) and rate measurement.
+
+Time comes from the caller (trio's clock in the daemon), so tests drive it with
+trio's autojump clock instead of sleeping.
+"""
+
+from collections import deque
+
+SLICE_S = 0.1  # a speed change takes effect within one slice; bursts last at most one
+
+
+class TokenBucket:
+    """``rate`` bytes/s, 0 = unlimited. Callers take what ``allowance`` grants, then
+    ``charge`` what they used; the balance may go negative (a chunk larger than one slice's
+    worth), which delays the next take, so the rate holds over any window of about a second."""
+
+    def __init__(self, rate: int, now: float) -> None:
+        self._rate = rate
+        self._tokens = 0.0
+        self._last = now
+
+    @property
+    def rate(self) -> int:
+        return self._rate
+
+    def set_rate(self, rate: int, now: float) -> None:
+        self._refill(now)
+        self._rate = rate
+        self._tokens = min(self._tokens, self._burst())
+
+    def _burst(self) -> float:
+        return self._rate * SLICE_S
+
+    def _refill(self, now: float) -> None:
+        if self._rate:
+            self._tokens = min(self._tokens + (now - self._last) * self._rate, self._burst())
+        self._last = now
+
+    def allowance(self, now: float) -> int | None:
+        """Bytes that may start now (None: unlimited; 0: wait ``delay`` first)."""
+        if not self._rate:
+            return None
+        self._refill(now)
+        return int(self._tokens) if self._tokens > 0 else 0
+
+    def delay(self, now: float) -> float:
+        """Seconds until tokens are positive again, capped at one slice so that a speed
+        change is seen soon."""
+        if not self._rate:
+            return 0.0
+        self._refill(now)
+        if self._tokens > 0:
+            return 0.0
+        return min(SLICE_S, (1 - self._tokens) / self._rate)
+
+    def charge(self, nbytes: int, now: float) -> None:
+        if self._rate:
+            self._refill(now)
+            self._tokens -= nbytes
+
+
+class RateMeter:
+    """Bytes per second over the last ``window`` seconds."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._sum = 0
+
+    def add(self, nbytes: int, now: float) -> None:
+        self._samples.append((now, nbytes))
+        self._sum += nbytes
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._sum -= self._samples.popleft()[1]
+
+    def rate(self, now: float, since: float) -> float:
+        self._expire(now)
+        span = min(self.window, now - since)
+        return self._sum / span if span > 0 else 0.0

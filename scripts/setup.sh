@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what mirrorfs needs on a Debian machine (as root) and builds .venv.
+# Idempotent: quick when everything is there. Used by demo.sh, test.sh and bench.py.
+#   SETUP_EXTRA="qemu-system-x86 ..." adds Debian packages (the VM test and benchmark).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS=(fuse3 libfuse3-dev pkg-config fio qemu-utils python3-venv gcc util-linux e2fsprogs
+	${SETUP_EXTRA:-})
+missing=()
+for p in "${APT_PKGS[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2> /dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" != 0 ]; then
+		echo "setup: missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+		exit 1
+	fi
+	echo "setup: installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
+fi
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: FUSE cannot work here" >&2; exit 1; }
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+	echo "setup: creating .venv"
+	"$PY" -m venv .venv
+fi
+stamp=.venv/.mirrorfs-installed
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+	echo "setup: installing mirrorfs and its test tools into .venv"
+	.venv/bin/pip install -q --upgrade pip > /dev/null
+	.venv/bin/pip install -q -e '.[test]'
+	touch "$stamp"
+fi
