@@ -128,10 +128,10 @@ class Job:
         return self.state in ENDED
 
     def check(self, verb: Verb) -> None:
+        if verb is Verb.COMPLETE and not self.ready and not self.ended:
+            raise VerbRefused(verb, self.state, "the target has not caught up yet")
         if verb not in VERBS[self.state]:
             raise VerbRefused(verb, self.state)
-        if verb is Verb.COMPLETE and not self.ready:
-            raise VerbRefused(verb, self.state, "the target has not caught up yet")
 
     def transition(self, new: State, event: str | None = None, **details: Any) -> None:
         if new is self.state:

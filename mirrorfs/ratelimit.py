@@ -41,7 +41,7 @@ class TokenBucket:
         if not self._rate:
             return None
         self._refill(now)
-        return int(self._tokens) if self._tokens > 0 else 0
+        return int(self._tokens) if self._tokens >= 1 else 0
 
     def delay(self, now: float) -> float:
         """Seconds until tokens are positive again, capped at one slice so that a speed
@@ -49,9 +49,9 @@ class TokenBucket:
         if not self._rate:
             return 0.0
         self._refill(now)
-        if self._tokens > 0:
+        if self._tokens >= 1:
             return 0.0
-        return min(SLICE_S, (1 - self._tokens) / self._rate)
+        return min(SLICE_S, (1 - self._tokens) / self._rate)  # > 0 whenever allowance is 0
 
     def charge(self, nbytes: int, now: float) -> None:
         if self._rate:

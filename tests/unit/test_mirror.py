@@ -1,0 +1,370 @@
+"""The mirror without FUSE: real files in tmp_path, trio's autojump clock for time, and
+FaultyImage (a test double) for I/O errors and for holding a copy in flight."""
+
+import errno
+import os
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from mirrorfs.images import FileImage
+from mirrorfs.job import State, VerbRefused
+from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+class FaultyImage(FileImage):
+    """A FileImage whose pwrite / pread_into / write_zeroes can fail or block on demand."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        super().__init__(path, fd)
+        self.fail_write: Callable[[int, int], int | None] = lambda off, n: None
+        self.fail_read: Callable[[int, int], int | None] = lambda off, n: None
+        self.gate: threading.Event | None = None  # a worker's writes wait for it
+        self.writes: list[tuple[int, int]] = []
+
+    @classmethod
+    def open(cls, path: str) -> "FaultyImage":
+        return cls(path, os.open(path, os.O_RDWR))
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> int:
+        if self.gate is not None and threading.current_thread() is not threading.main_thread():
+            self.gate.wait(10)
+        err = self.fail_write(offset, len(data))
+        if err:
+            raise OSError(err, os.strerror(err))
+        self.writes.append((offset, len(data)))
+        return super().pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        err = self.fail_write(offset, length)
+        if err:
+            raise OSError(err, os.strerror(err))
+        super().write_zeroes(offset, length)
+
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        err = self.fail_read(offset, len(buf))
+        if err:
+            raise OSError(err, os.strerror(err))
+        return super().pread_into(buf, offset)
+
+
+def make_pair(tmp: Path, size: int, data: bytes | None = None, sparse: bool = False
+              ) -> tuple[FaultyImage, FaultyImage]:
+    src, tgt = tmp / "src.img", tmp / "tgt.img"
+    if sparse:
+        with open(src, "wb") as f:
+            f.truncate(size)
+    else:
+        src.write_bytes(data if data is not None else os.urandom(size))
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    return FaultyImage.open(str(src)), FaultyImage.open(str(tgt))
+
+
+def same(a: FileImage, b: FileImage) -> bool:
+    return Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+async def wait_state(m: Mirror, *states: State, limit: float = 600) -> None:
+    with trio.fail_after(limit):
+        while m.job.state not in states:
+            await trio.sleep(0.01)
+
+
+async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run 'thread' work on the trio thread: with the autojump clock, time must not jump
+    while a worker thread copies."""
+    return fn(*args)
+
+
+def cfg(**kw: object) -> MirrorConfig:
+    base: dict[str, object] = {"granularity": 64 * KiB, "target_fresh": True}
+    base.update(kw)
+    return MirrorConfig(**base)  # type: ignore[arg-type]
+
+
+async def test_bulk_copy_then_complete(tmp_path: Path) -> None:
+    src, tgt = make_pair(tmp_path, 3 * MiB + 1234)
+    m = Mirror(src, tgt, cfg())
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        assert m.job.ready and m.remaining_bytes == 0 and same(src, tgt)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert m.serving is tgt and m.job.target_consistent
+    assert m.status()["progress"] == 100 and m.status()["remaining_bytes"] == 0
+    assert same(src, tgt)
+
+
+async def test_writes_racing_the_copier_are_never_lost(tmp_path: Path) -> None:
+    size = 4 * MiB
+    src, tgt = make_pair(tmp_path, size)
+    m = Mirror(src, tgt, cfg(granularity=4 * KiB, speed=2 * MiB))
+    rnd = random.Random(7)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        for _ in range(400):
+            off = rnd.randrange(size - 70 * KiB)
+            await m.write(off, os.urandom(rnd.randrange(1, 70 * KiB)))
+            await trio.sleep(0.005)
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+
+
+async def test_speed_limit_holds(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    src, tgt = make_pair(tmp_path, 8 * MiB)
+    m = Mirror(src, tgt, cfg(speed=1 * MiB), run_sync=inline)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await trio.sleep(3)
+        copied = m.copied_bytes
+        assert 2.7 * MiB <= copied <= 3.3 * MiB, copied
+        m.set_speed(4 * MiB)  # takes effect within a slice
+        await wait_state(m, State.READY)
+        m.cancel()
+        await wait_state(m, State.CANCELLED)
+    elapsed = trio.current_time() - t0
+    assert 4.0 <= elapsed <= 4.6, elapsed  # 3 s at 1 MiB/s, then 5 MiB at 4 MiB/s
+    assert same(src, tgt) and m.job.target_consistent
+
+
+async def test_pause_stops_copies_and_keeps_tracking(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    src, tgt = make_pair(tmp_path, 4 * MiB)
+    m = Mirror(src, tgt, cfg(speed=1 * MiB), run_sync=inline)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await trio.sleep(1)
+        m.pause()
+        await trio.sleep(0.2)  # let in-flight copies finish
+        before = m.copied_bytes
+        await m.write(3 * MiB, b"x" * 5000)
+        await trio.sleep(10)
+        assert m.copied_bytes == before and m.job.state is State.PAUSED
+        with pytest.raises(VerbRefused):
+            m.pause()
+        with pytest.raises(VerbRefused):
+            m.complete()
+        m.resume()
+        assert m.job.state is State.COPYING
+        m.set_speed(0)
+        await wait_state(m, State.READY)
+        m.pause()
+        assert m.job.ready and m.job.state is State.PAUSED
+        m.resume()
+        assert m.job.state is State.READY
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+
+
+async def test_sync_top_copies_only_extents_and_keeps_target_sparse(tmp_path: Path) -> None:
+    size = 64 * MiB
+    src, tgt = make_pair(tmp_path, size, sparse=True)
+    for off in (0, 10 * MiB + 4096, 40 * MiB):
+        os.pwrite(src.fd, os.urandom(300 * KiB), off)
+    m = Mirror(src, tgt, cfg(sync=SyncMode.TOP))
+    assert m.bitmap.dirty_bytes < 2 * MiB
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        m.cancel()
+        await wait_state(m, State.CANCELLED)
+    assert same(src, tgt)
+    assert os.stat(tgt.path).st_blocks * 512 <= 2 * MiB
+
+
+async def test_sync_full_punches_holes_and_zero_data(tmp_path: Path) -> None:
+    size = 16 * MiB
+    src, tgt = make_pair(tmp_path, size, sparse=True)
+    os.pwrite(src.fd, os.urandom(MiB), 2 * MiB)
+    os.pwrite(src.fd, bytes(4 * MiB), 8 * MiB)  # allocated, but all zeros
+    os.pwrite(tgt.fd, os.urandom(size), 0)  # an existing target full of old data
+    m = Mirror(src, tgt, cfg(sync=SyncMode.FULL, target_fresh=False))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+    assert os.stat(tgt.path).st_blocks * 512 <= 1 * MiB + 64 * KiB
+    assert m.zeroed_bytes >= size - MiB
+    assert all(n <= MiB for _, n in tgt.writes), "zeros were written as data"
+
+
+async def test_sync_none_copies_only_new_writes(tmp_path: Path) -> None:
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    m = Mirror(src, tgt, cfg(sync=SyncMode.NONE))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        await m.write(100_000, b"new" * 1000)
+        while m.remaining_bytes:
+            await trio.sleep(0.01)
+        m.cancel()
+        await wait_state(m, State.CANCELLED)
+    data = Path(tgt.path).read_bytes()
+    lo, hi = m.bitmap.chunks_of(100_000, 3000)
+    start, end = lo * 64 * KiB, hi * 64 * KiB
+    assert data[start:end] == Path(src.path).read_bytes()[start:end]
+    assert data[:start] == bytes(start), "sync none copied data written before the start"
+
+
+@pytest.mark.parametrize("policy", list(ErrorPolicy))
+async def test_target_error_policies(tmp_path: Path, policy: ErrorPolicy,
+                                     autojump_clock: trio.testing.MockClock) -> None:
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    failures = {"left": 3}
+
+    def fail(off: int, n: int) -> int | None:
+        if failures["left"] and off >= MiB:
+            failures["left"] -= 1
+            return errno.ENOSPC
+        return None
+
+    tgt.fail_write = fail
+    m = Mirror(src, tgt, cfg(on_target_error=policy), run_sync=inline)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        if policy is ErrorPolicy.REPORT:
+            await wait_state(m, State.FAILED)
+            assert "No space left" in (m.job.error or "")
+            assert m.serving is src and not m.tracking
+            assert await m.write(0, b"guest io still works") == 20
+            return
+        if policy is ErrorPolicy.STOP:
+            await wait_state(m, State.PAUSED)
+            assert "No space left" in (m.job.error or "")
+            await m.write(1536 * KiB, b"written while stopped")  # the guest never notices
+            resumes = 0
+            while m.job.state is State.PAUSED:  # each resume retries; 3 failures queued
+                m.resume()
+                assert m.job.error is None
+                resumes += 1
+                await wait_state(m, State.PAUSED, State.READY)
+            assert resumes == 3
+        await wait_state(m, State.READY)
+        assert m.job.error is None
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+    assert "error" in m.job.events.names()
+
+
+@pytest.mark.parametrize("policy", [ErrorPolicy.REPORT, ErrorPolicy.IGNORE])
+async def test_source_read_errors(tmp_path: Path, policy: ErrorPolicy,
+                                  autojump_clock: trio.testing.MockClock) -> None:
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    left = {"n": 2}
+
+    def fail(off: int, n: int) -> int | None:
+        if left["n"]:
+            left["n"] -= 1
+            return errno.EIO
+        return None
+
+    src.fail_read = fail
+    m = Mirror(src, tgt, cfg(on_source_error=policy), run_sync=inline)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        if policy is ErrorPolicy.REPORT:
+            await wait_state(m, State.FAILED)
+            assert "reading the source" in (m.job.error or "")
+            return
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+
+
+async def test_cancel_before_ready_is_inconsistent(tmp_path: Path) -> None:
+    src, tgt = make_pair(tmp_path, 8 * MiB)
+    m = Mirror(src, tgt, cfg(speed=1 * MiB))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await trio.sleep(0.3)
+        m.cancel()
+        await wait_state(m, State.CANCELLED)
+    assert not m.job.target_consistent and m.serving is src
+    before = Path(tgt.path).read_bytes()
+    await m.write(0, b"after cancel")
+    assert Path(tgt.path).read_bytes() == before, "a write after cancel reached the target"
+    assert Path(src.path).read_bytes()[:12] == b"after cancel"
+
+
+async def test_active_write_waits_for_an_overlapping_copy(tmp_path: Path) -> None:
+    """Invariant 2: an older copy must never land on the target after a newer write."""
+    src, tgt = make_pair(tmp_path, 1 * MiB)
+    tgt.gate = threading.Event()  # the copier's target writes block until we open it
+    m = Mirror(src, tgt, cfg(copy_mode=CopyMode.WRITE_BLOCKING, granularity=64 * KiB,
+                             max_op_bytes=64 * KiB, batch_bytes=64 * KiB))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        while not m._busy:  # a copy of chunk 0 is in flight and held at the gate
+            await trio.sleep(0.001)
+        assert m._busy[0].a == 0
+        done = trio.Event()
+
+        async def guest() -> None:
+            await m.write(0, b"N" * 64 * KiB)  # covers chunk 0 fully
+            done.set()
+
+        n.start_soon(guest)
+        await trio.sleep(0.05)
+        assert not done.is_set(), "the active write did not wait for the copy"
+        tgt.gate.set()
+        await done.wait()
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert Path(tgt.path).read_bytes()[:64 * KiB] == b"N" * 64 * KiB
+    assert same(src, tgt)
+
+
+async def test_write_blocking_dirty_only_shrinks(tmp_path: Path) -> None:
+    size = 4 * MiB
+    src, tgt = make_pair(tmp_path, size)
+    m = Mirror(src, tgt, cfg(copy_mode=CopyMode.WRITE_BLOCKING, speed=256 * KiB,
+                             granularity=4 * KiB))
+    rnd = random.Random(3)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        last = m.bitmap.dirty_bytes + m.inflight_bytes
+        for _ in range(300):
+            off = rnd.randrange(size - 100 * KiB)
+            await m.write(off, os.urandom(rnd.randrange(1, 100 * KiB)))
+            now = m.bitmap.dirty_bytes + m.inflight_bytes
+            assert now <= last, "a write-blocking write grew the dirty set"
+            last = now
+        m.set_speed(0)
+        await wait_state(m, State.READY)
+        assert m.actively_synced
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+
+
+async def test_switch_to_write_blocking_is_one_way(tmp_path: Path) -> None:
+    src, tgt = make_pair(tmp_path, 1 * MiB)
+    m = Mirror(src, tgt, cfg(speed=64 * KiB))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        m.set_copy_mode(CopyMode.WRITE_BLOCKING)
+        assert m.status()["copy_mode"] == "write-blocking"
+        with pytest.raises(VerbRefused):
+            m.set_copy_mode(CopyMode.BACKGROUND)
+        m.cancel(force=True)
+        await wait_state(m, State.CANCELLED)
+    assert not m.job.target_consistent
