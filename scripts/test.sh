@@ -13,7 +13,7 @@ if [ $# -gt 0 ]; then exit 0; fi  # a selection of tests was asked for: nothing 
 
 echo "=== shell end-to-end tests"
 for t in tests/e2e/*.sh; do
-	bash "$t"
+	[ "$(basename "$t")" = lib.sh ] || bash "$t"
 done
 
 if [ -x ../shared/contract/run.sh ]; then
