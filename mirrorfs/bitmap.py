@@ -21,7 +21,7 @@ class DirtyBitmap:
         self.granularity = granularity
         self.shift = granularity.bit_length() - 1
         self.nchunks = (size + granularity - 1) >> self.shift
-        self._bits = bitarray(self.nchunks)
+        self._bits = bitarray(self.nchunks, endian="little")  # the state file's bit order
         self._bits.setall(0)
         self._summary = bitarray((self.nchunks + BLOCK_CHUNKS - 1) >> BLOCK_SHIFT)
         self._summary.setall(0)
@@ -121,6 +121,15 @@ class DirtyBitmap:
         limit = min(limit, self.nchunks)
         i = self._bits.find(0, a, limit)
         return limit if i < 0 else i
+
+    def snapshot(self) -> bitarray:
+        return self._bits.copy()
+
+    def mark_from(self, bits: bitarray) -> None:
+        """OR a saved bitmap (same length) into this one."""
+        self._bits |= bits
+        self._count = self._bits.count(1)
+        self._summary.setall(1)  # stale-true is allowed; the search cleans it
 
     def __len__(self) -> int:
         return self.nchunks

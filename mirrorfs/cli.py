@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let other users use the image (by its mode)")
     m.add_argument("--debug", action="store_true", help="log debug messages")
     m.add_argument("--log", dest="log_file", metavar="FILE", help="log to FILE")
+    m.add_argument("--state", metavar="FILE",
+                   help="the job's state file (default: TARGET.mirrorfs)")
+    m.add_argument("--fresh", action="store_true",
+                   help="ignore a saved state and start a new mirror")
     m.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
 
     s = sp.add_parser("status", help="show the job's status")
@@ -320,7 +324,7 @@ def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
         copy_mode=a.copy_mode, on_source_error=a.on_source_error,
         on_target_error=a.on_target_error, name=a.name, foreground=True,
         allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
-        notify_fd=a.notify_fd)
+        notify_fd=a.notify_fd, state=a.state, fresh=a.fresh)
     return mount.run_daemon(opts)
 
 

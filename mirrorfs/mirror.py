@@ -27,11 +27,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from bitarray import bitarray
 
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.images import ZERO_BLOCK, FileImage
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.ratelimit import RateMeter, TokenBucket
+from mirrorfs.state import ActivityLog
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class MirrorConfig:
     ops_per_batch: int = 64
     drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
     max_backoff_s: float = 5.0
+    checkpoint_s: float = 2.0  # how often copy progress is saved in the state file
+    max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 
 class CopyError(Exception):
@@ -109,7 +113,9 @@ class _Busy:
 class Mirror:
     def __init__(self, source: FileImage, target: FileImage, cfg: MirrorConfig,
                  job: Job | None = None, clock: Callable[[], float] = trio.current_time,
-                 pid: int | None = None, run_sync: RunSync | None = None) -> None:
+                 pid: int | None = None, run_sync: RunSync | None = None,
+                 persist: ActivityLog | None = None, resume: bitarray | None = None,
+                 resume_info: dict[str, Any] | None = None) -> None:
         self.source, self.target, self.cfg = source, target, cfg
         self.size = source.size
         self.job = job if job is not None else Job()
@@ -143,12 +149,18 @@ class Mirror:
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
         self.active_bytes = 0  # ... of which written by active (write-blocking) writes
         self.guest_writes = 0
-        self._mark_initial()
+        self.persist = persist  # the state file's activity log (None: no state file)
+        self._checkpoint_soon = False
+        self._mark_initial(resume, resume_info or {})
 
     # ================================================================== setup
-    def _mark_initial(self) -> None:
+    def _mark_initial(self, resume: bitarray | None, resume_info: dict[str, Any]) -> None:
         sync = self.cfg.sync
-        if sync is SyncMode.FULL or (sync is SyncMode.TOP and not self.cfg.target_fresh):
+        if resume is not None:
+            # Everything that may differ after the previous run: its saved bitmap plus the
+            # extents of its activity log (see state.py).
+            self.bitmap.mark_from(resume)
+        elif sync is SyncMode.FULL or (sync is SyncMode.TOP and not self.cfg.target_fresh):
             # An existing target may hold anything where the source has holes: copy
             # everything (holes become punch-hole/zero-range ops, never zero data).
             self.bitmap.mark_all()
@@ -158,7 +170,8 @@ class Mirror:
         self.job.emit("started", source=self.source.path, target=self.target.path,
                       size=self.size, sync=str(sync), copy_mode=str(self.copy_mode),
                       granularity=self.cfg.granularity, speed=self.bucket.rate,
-                      remaining_bytes=self.bitmap.dirty_bytes)
+                      remaining_bytes=self.bitmap.dirty_bytes, resumed=resume is not None,
+                      **resume_info)
 
     # ================================================================== guest I/O
     @property
@@ -177,13 +190,26 @@ class Mirror:
         return self.serving.pread(length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
-        while self._gate is not None:
-            await self._gate.wait()
-        if not self.tracking:
-            return self.serving.pwrite(data, offset)
+        persist = self.persist
+        while True:
+            while self._gate is not None:
+                await self._gate.wait()
+            if not self.tracking:
+                return self.serving.pwrite(data, offset)
+            if self._active:
+                self.guest_writes += 1
+                return await self._active_write(offset, data)
+            if persist is None:
+                break
+            a, b = self.bitmap.chunks_of(offset, len(data))
+            if persist.covers(a, b):
+                break
+            # Crash safety: the extent must be in the activity log on disk before the
+            # source changes. Then look at the gate again: it may have closed meanwhile.
+            await persist.log(a, b)
         self.guest_writes += 1
-        if self._active:
-            return await self._active_write(offset, data)
+        # No checkpoint from here to the mark: the write and its dirty bit are atomic
+        # with respect to the copier, checkpoints and the drain.
         n = self.source.pwrite(data, offset)
         self.bitmap.mark(offset, n)  # invariant 1: only after the data is in the source
         self._wakeup.set()
@@ -225,6 +251,9 @@ class Mirror:
             return self.serving.pwrite(data, offset)
         busy = self._hold(a, b, 0)
         try:
+            if self.persist is not None and not self.persist.covers(a, b):
+                # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
+                await self.persist.log(a, b)
             n = self.source.pwrite(data, offset)
             lo, hi = self._target_part(offset, offset + n)
             if lo < hi:
@@ -410,9 +439,49 @@ class Mirror:
         """The copy loop; returns when the job has ended. Worker batches run in a nursery
         of their own, so the loop always waits for them (no copy outlives the job)."""
         async with trio.open_nursery() as nursery:
+            if self.persist is not None:
+                nursery.start_soon(self._checkpointer)
             while not self.job.ended:
                 await self._step(nursery)
+            nursery.cancel_scope.cancel()  # the checkpointer; batches are done by now
         log.info("mirror loop ended in state %s", self.job.state)
+
+    # ------------------------------------------------------------------ the state file
+    def _snapshot(self) -> bitarray:
+        """What may differ between source and target now: dirty plus in flight."""
+        p = self.bitmap.snapshot()
+        for busy in self._busy:
+            p[busy.a:busy.b] = 1
+        return p
+
+    async def checkpoint(self, **fields: Any) -> None:
+        if self.persist is not None:
+            await self.persist.checkpoint(self._snapshot, self._flush_images, **fields)
+
+    def _flush_images(self) -> None:
+        self.target.flush()
+        self.source.flush()
+
+    async def _checkpointer(self) -> None:
+        assert self.persist is not None
+        # a huge bitmap (16 TiB: 32 MiB) is saved less often: at most ~8 MiB/s of metadata
+        interval = max(self.cfg.checkpoint_s, self.bitmap.nchunks / 8 / (8 << 20))
+        last = self._now()
+        last_copied = self.copied_bytes
+        while True:
+            await trio.sleep(0.5)
+            al_full = self.persist.al.count(1) >= self.cfg.max_logged_extents
+            due = self._now() - last >= interval
+            if al_full or self._checkpoint_soon or (
+                    due and (self.copied_bytes != last_copied or self.persist.al.any())):
+                self._checkpoint_soon = False
+                try:
+                    await self.checkpoint()
+                except OSError as e:
+                    log.error("cannot save the job's state: %s", e)
+                    self.job.emit("error", side="state", message=f"saving state: {e}",
+                                  action="retry")
+                last, last_copied = self._now(), self.copied_bytes
 
     async def _step(self, nursery: trio.Nursery) -> None:
         self._wakeup = trio.Event()
@@ -638,6 +707,7 @@ class Mirror:
             self.actively_synced = True
             self.job.emit("actively_synced")
         if self.job.state is State.COPYING:
+            self._checkpoint_soon = True  # a crash right after ready must not recopy all
             self.job.ready = True
             self.job.transition(State.READY, "ready", copied_bytes=self.copied_bytes,
                                 elapsed_seconds=round(self._now() - self._t0, 3))
@@ -653,6 +723,15 @@ class Mirror:
             self._on_error(CopyError("target", 0, self.size, e))
             return
         if self.job.state is State.COMPLETING:
+            if self.persist is not None:
+                # Before the first write to the target as the live image: a later mount must
+                # never copy the (then stale) source over it.
+                try:
+                    await self.persist.set_fields(phase="completed", clean=False)
+                except OSError as e:
+                    self._open_gate()
+                    self._fail(f"cannot record the pivot in the state file: {e}")
+                    return
             self.serving = self.target  # from now on the guest's I/O goes to the target
             self._end(State.COMPLETED, consistent=True)
         elif self.job.state is State.CANCELLING:

@@ -19,15 +19,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pyfuse3
 import trio
+from bitarray import bitarray
 
 from mirrorfs.fs import MirrorOperations
 from mirrorfs.images import FileImage
-from mirrorfs.job import Job
+from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
 from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+from mirrorfs.state import (
+    DEFAULT_EXTENT,
+    ActivityLog,
+    StateError,
+    StateFile,
+    identity,
+    remove_quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,8 @@ class MountOptions:
     debug: bool = False
     log_file: str | None = None
     notify_fd: int | None = None
+    state: str | None = None  # the state file (default: TARGET.mirrorfs for a file target)
+    fresh: bool = False  # ignore an existing state file
 
 
 @dataclasses.dataclass
@@ -67,13 +79,21 @@ class Prepared:
     name: str
     notes: list[str]
     fresh: bool = False  # the target was created here, sparse: it reads as zeros
+    statefile: StateFile | None = None
+    state_created: bool = False
+    resume: bitarray | None = None  # chunks to copy, from the state file
+    resume_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    granularity: int = 0
 
     def close(self) -> None:
         self.source.close()
         self.target.close()
+        if self.statefile is not None:
+            self.statefile.close()
+            if self.state_created:
+                remove_quietly(self.statefile.path)
         if self.target_created:
-            with contextlib.suppress(OSError):
-                os.unlink(self.target.path)
+            remove_quietly(self.target.path)
 
 
 # ====================================================================== checks
@@ -182,15 +202,109 @@ def prepare(opts: MountOptions) -> Prepared:
             target = _create_target(tgt, source.size, source.fd)
             created = True
             _lock(target, "target")
+        prep = Prepared(source, target, created, mnt, name, notes, fresh=created,
+                        granularity=opts.granularity)
+        _prepare_state(prep, opts)
     except BaseException:
         source.close()
         if target is not None:
             target.close()
             if created:
-                with contextlib.suppress(OSError):
-                    os.unlink(tgt)
+                remove_quietly(tgt)
         raise
-    return Prepared(source, target, created, mnt, name, notes, fresh=created)
+    return prep
+
+
+# ====================================================================== the state file
+def _state_path(opts: MountOptions, target: FileImage) -> str | None:
+    if opts.state:
+        return os.path.abspath(opts.state)
+    if target.is_block:
+        return None  # no place next to a device; use --state to keep the job's state
+    return target.path + ".mirrorfs"
+
+
+def _image_id(img: FileImage) -> dict[str, Any]:
+    return {"path": img.path, "size": img.size, **identity(img.fd)}
+
+
+def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
+    path = _state_path(opts, prep.target)
+    if path is None:
+        prep.notes.append("the target is a block device and --state is not given: the "
+                          "job's state is not saved (no resume after a crash)")
+        return
+    if os.path.exists(path) and not opts.fresh and not prep.fresh:
+        sf = _open_state(path)
+        try:
+            if _resume_from(prep, sf, path):
+                prep.statefile = sf
+                return
+        except BaseException:
+            sf.close()
+            raise
+        sf.close()
+    elif os.path.exists(path) and prep.fresh and not opts.fresh:
+        prep.notes.append(f"ignoring the state file {path}: the target was just created")
+    g = prep.granularity
+    nchunks = -(-prep.source.size // g)
+    extent = max(DEFAULT_EXTENT, g)
+    header = {"phase": "running", "clean": False, "size": prep.source.size,
+              "granularity": g, "extent_bytes": extent, "nchunks": nchunks,
+              "nextents": -(-prep.source.size // extent), "sync": str(opts.sync),
+              "source": _image_id(prep.source), "target": _image_id(prep.target)}
+    existed = os.path.exists(path)
+    try:
+        prep.statefile = StateFile.create(path, header)
+    except OSError as e:
+        raise MountError(f"cannot create the state file {path}: {e.strerror}") from None
+    prep.state_created = not existed
+
+
+def _open_state(path: str) -> StateFile:
+    try:
+        return StateFile.open(path)
+    except StateError as e:
+        raise MountError(str(e)) from None
+    except OSError as e:
+        raise MountError(f"cannot open the state file {path}: {e.strerror}") from None
+
+
+def _resume_from(prep: Prepared, sf: StateFile, path: str) -> bool:
+    """Validate a saved job against the images. True: resume it; False: start anew."""
+    h = sf.header
+    src, tgt = prep.source, prep.target
+    for what, img, saved in (("source", src, h.get("source", {})),
+                             ("target", tgt, h.get("target", {}))):
+        now = identity(img.fd)
+        if (saved.get("dev"), saved.get("ino")) != (now["dev"], now["ino"]) \
+                or saved.get("size") != img.size:
+            raise MountError(f"the state file {path} belongs to another {what} "
+                             f"({saved.get('path')}): use --fresh to start a new mirror")
+        if h.get("clean") and h.get("phase") == "running" \
+                and saved.get("mtime_ns") != now["mtime_ns"]:
+            raise MountError(f"the {what} {img.path} was modified after the job stopped: "
+                             "resuming could miss those writes; use --fresh to start over")
+    phase = h.get("phase")
+    if phase == "completed":
+        raise MountError(f"{tgt.path} is the live image since the mirror completed: "
+                         f"{src.path} is stale and must not be copied over it "
+                         f"(use --fresh to start a new mirror from {src.path})")
+    if phase in ("cancelled", "failed"):
+        prep.notes.append(f"the previous job {phase}: starting a new one")
+        return False
+    al, p = sf.read_slot()
+    shift = (h["extent_bytes"] // h["granularity"]).bit_length() - 1
+    for e in al.search(1):
+        p[e << shift:(e + 1) << shift] = 1
+    prep.resume = p
+    prep.granularity = h["granularity"]
+    prep.resume_info = {"clean_stop": bool(h.get("clean")),
+                        "resumed_bytes": p.count(1) * h["granularity"]}
+    how = "a clean stop" if h.get("clean") else "a crash"
+    prep.notes.append(f"resuming the job after {how}: "
+                      f"{p.count(1) * h['granularity']} bytes to copy")
+    return True
 
 
 def _check_target_size(target: FileImage, size: int) -> None:
@@ -308,12 +422,22 @@ def run_daemon(opts: MountOptions) -> int:
 
 async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
                  notify: _Notifier) -> None:
-    cfg = MirrorConfig(granularity=opts.granularity, buf_size=opts.buf_size, speed=opts.speed,
+    cfg = MirrorConfig(granularity=prep.granularity, buf_size=opts.buf_size, speed=opts.speed,
                        sync=opts.sync, copy_mode=opts.copy_mode,
                        on_source_error=opts.on_source_error,
                        on_target_error=opts.on_target_error,
                        target_fresh=prep.fresh)
-    mirror = Mirror(prep.source, prep.target, cfg, Job())
+    persist = None
+    if prep.statefile is not None:
+        sf = prep.statefile
+        persist = ActivityLog(sf, bitarray(sf.nchunks, endian="little"), prep.granularity,
+                              sf.header["extent_bytes"])
+    mirror = Mirror(prep.source, prep.target, cfg, Job(), persist=persist,
+                    resume=prep.resume, resume_info=prep.resume_info)
+    if persist is not None:
+        # the initial bitmap is on disk before the first guest write
+        await mirror.checkpoint(phase="running", clean=False)
+    prep.state_created = False  # the job owns it now
     ops.mirror = mirror
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)
@@ -321,9 +445,30 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         notify.send("OK")
         await pyfuse3.main()
         if not mirror.job.ended:
-            log.warning("unmounted while the job was %s: the job is abandoned",
-                        mirror.job.state)
+            log.info("unmounted while the job was %s: saving its state", mirror.job.state)
         nursery.cancel_scope.cancel()
+    await _save_final_state(mirror)
+
+
+async def _save_final_state(mirror: Mirror) -> None:
+    """A clean stop: the exact bitmap, so that the next mount resumes from here."""
+    persist = mirror.persist
+    if persist is None:
+        return
+    state = mirror.job.state
+    try:
+        if state is State.COMPLETED:
+            return  # recorded before the pivot
+        if state in (State.CANCELLED, State.FAILED):
+            await persist.set_fields(phase=str(state))
+            return
+        # unmounted and the copier stopped: nothing changes the images any more
+        await mirror.checkpoint(phase="running", clean=True,
+                                source=_image_id(mirror.source),
+                                target=_image_id(mirror.target))
+        log.info("saved the job's state: %d bytes left to copy", mirror.bitmap.dirty_bytes)
+    except OSError as e:
+        log.error("cannot save the job's state in %s: %s", persist.sf.path, e)
 
 
 async def _signals(scope: trio.CancelScope) -> None:

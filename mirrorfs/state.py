@@ -1,0 +1,235 @@
+"""The state file: resume after a clean stop or a crash without a full recopy.
+
+Layout of ``TARGET.mirrorfs`` (or ``--state FILE``), all offsets 4 KiB aligned:
+
+    block 0, block 1   two header copies (JSON + crc32); the valid one with the higher
+                       ``seq`` wins, and updates alternate between them, so a torn header
+                       write never loses the previous one
+    slot 0, slot 1     each: the activity log (one bit per extent) then the persisted dirty
+                       bitmap P (one bit per chunk); the header names the active slot
+
+What is on disk always covers every chunk in which source and target may differ: P, plus
+every chunk of the extents set in the activity log (DRBD's idea). So:
+
+* A guest write to chunks that P already holds as dirty needs nothing.
+* Otherwise its extents must be in the activity log *on disk* (written and fdatasync'd)
+  before the write reaches the source. That costs one small synchronous metadata write per
+  extent (4 MiB by default), not per guest write.
+* A checkpoint writes the current dirty bitmap (dirty plus in flight) into the inactive slot
+  with an empty activity log, syncs, then switches the header to it. Until the switch the old
+  slot is valid; the new P is a subset of the old P plus the old log. Writes that need a log
+  entry wait for the checkpoint and log into the new slot.
+* A clean stop is a checkpoint with ``clean: true``. After a crash, the resumed job copies P
+  plus the logged extents: nothing else can differ.
+"""
+
+import contextlib
+import json
+import os
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from bitarray import bitarray
+
+BLOCK = 4096
+MAGIC = "mirrorfs-state"
+VERSION = 1
+DEFAULT_EXTENT = 4 << 20
+
+
+class StateError(Exception):
+    """A state file that cannot be used, as one line for the user."""
+
+
+def _round_up(n: int, to: int = BLOCK) -> int:
+    return -(-n // to) * to
+
+
+class StateFile:
+    """The on-disk format. Plain blocking I/O; callers run it off the trio thread."""
+
+    def __init__(self, path: str, fd: int, header: dict[str, Any]) -> None:
+        self.path, self.fd, self.header = path, fd, header
+        self.nchunks: int = header["nchunks"]
+        self.nextents: int = header["nextents"]
+        self.al_bytes = _round_up((self.nextents + 7) // 8)
+        self.p_bytes = _round_up((self.nchunks + 7) // 8)
+        self.slot_bytes = self.al_bytes + self.p_bytes
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path: str, header: dict[str, Any]) -> "StateFile":
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        h = dict(header, magic=MAGIC, version=VERSION, seq=0, slot=0)
+        sf = cls(path, fd, h)
+        os.ftruncate(fd, 2 * BLOCK + 2 * sf.slot_bytes)
+        return sf
+
+    @classmethod
+    def open(cls, path: str) -> "StateFile":
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            best: dict[str, Any] | None = None
+            for i in (0, 1):
+                h = _parse_header(os.pread(fd, BLOCK, i * BLOCK))
+                if h is not None and (best is None or h["seq"] > best["seq"]):
+                    best = h
+            if best is None:
+                raise StateError(f"state file {path} is not a mirrorfs state file or is "
+                                 "damaged (use --fresh to start over)")
+            return cls(path, fd, best)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # ------------------------------------------------------------------ slots
+    def _slot_off(self, slot: int) -> int:
+        return 2 * BLOCK + slot * self.slot_bytes
+
+    def read_slot(self) -> tuple[bitarray, bitarray]:
+        """(activity log over extents, P over chunks) of the active slot."""
+        off = self._slot_off(self.header["slot"])
+        al = bitarray(endian="little")
+        al.frombytes(os.pread(self.fd, self.al_bytes, off))
+        p = bitarray(endian="little")
+        p.frombytes(os.pread(self.fd, self.p_bytes, off + self.al_bytes))
+        return al[:self.nextents], p[:self.nchunks]
+
+    def write_checkpoint(self, p: bitarray, **fields: Any) -> None:
+        """P into the inactive slot with an empty log, sync, then switch the header."""
+        new_slot = 1 - self.header["slot"]
+        off = self._slot_off(new_slot)
+        data = bytes(self.al_bytes) + _padded(p, self.p_bytes)
+        _pwrite_all(self.fd, data, off)
+        os.fdatasync(self.fd)
+        self.write_header(slot=new_slot, **fields)
+
+    def write_header(self, **fields: Any) -> None:
+        h = dict(self.header, **fields)
+        h["seq"] = self.header["seq"] + 1
+        _pwrite_all(self.fd, _render_header(h), (h["seq"] % 2) * BLOCK)
+        os.fdatasync(self.fd)
+        self.header = h
+
+    def log_extent(self, al: bitarray, extent: int) -> None:
+        """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
+        byte = extent // 8
+        blk = byte // BLOCK * BLOCK
+        data = _padded(al, self.al_bytes)[blk:blk + BLOCK]
+        _pwrite_all(self.fd, data, self._slot_off(self.header["slot"]) + blk)
+        os.fdatasync(self.fd)
+
+
+def _padded(bits: bitarray, nbytes: int) -> bytes:
+    b = bits.tobytes() if bits.endian == "little" else bitarray(bits, "little").tobytes()
+    return b + bytes(nbytes - len(b))
+
+
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
+def _render_header(h: dict[str, Any]) -> bytes:
+    body = json.dumps(h, sort_keys=True).encode()
+    line = body + b"\n" + f"{zlib.crc32(body):08x}\n".encode()
+    if len(line) > BLOCK:
+        raise StateError("state header too large")
+    return line + bytes(BLOCK - len(line))
+
+
+def _parse_header(block: bytes) -> dict[str, Any] | None:
+    try:
+        body, crc, _rest = block.split(b"\n", 2)
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        h = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(h, dict) or h.get("magic") != MAGIC or h.get("version") != VERSION:
+        return None
+    return h
+
+
+def identity(fd: int) -> dict[str, int]:
+    st = os.fstat(fd)
+    return {"dev": st.st_dev, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+class ActivityLog:
+    """The in-memory side of the state file, used by the mirror's write path.
+
+    ``p`` is the P that is on disk (or being written by a running checkpoint, which is
+    safe: see the module docstring), ``al`` the extents logged in the current slot."""
+
+    def __init__(self, sf: StateFile, p: bitarray, granularity: int, extent_bytes: int,
+                 run_sync: Any = None) -> None:
+        self.sf = sf
+        self.p = p
+        self.al = bitarray(sf.nextents, endian="little")
+        self.al.setall(0)
+        self.ext_shift = (extent_bytes // granularity).bit_length() - 1  # chunks -> extent
+        self.lock = trio.Lock()
+        self._run_sync = run_sync or trio.to_thread.run_sync
+        self.al_writes = 0
+        self.checkpoints = 0
+
+    def covers(self, a: int, b: int) -> bool:
+        """Is every chunk in [a, b) safe on disk already? (hot path: no I/O)"""
+        if b == a + 1:
+            return bool(self.p[a] or self.al[a >> self.ext_shift])
+        if self.p.count(1, a, b) == b - a:
+            return True
+        ea, eb = a >> self.ext_shift, ((b - 1) >> self.ext_shift) + 1
+        return self.al.count(1, ea, eb) == eb - ea
+
+    async def log(self, a: int, b: int) -> None:
+        """Record the extents of chunks [a, b) on disk before a guest write proceeds."""
+        async with self.lock:
+            if self.covers(a, b):  # a checkpoint or another writer did it meanwhile
+                return
+            for e in range(a >> self.ext_shift, ((b - 1) >> self.ext_shift) + 1):
+                lo, hi = max(a, e << self.ext_shift), min(b, (e + 1) << self.ext_shift)
+                if not self.al[e] and self.p.count(1, lo, hi) < hi - lo:
+                    self.al[e] = 1
+                    await self._run_sync(self.sf.log_extent, self.al, e)
+                    self.al_writes += 1
+
+    async def checkpoint(self, snapshot: Callable[[], bitarray],
+                         flush: Callable[[], None], **fields: Any) -> None:
+        """Persist a snapshot of the dirty and in-flight chunks and empty the log.
+
+        The snapshot is taken under the lock, so no write can slip between it and the
+        switch to the new log. ``flush`` makes the images durable first: P must never say
+        "clean" about a chunk whose copy is still only in the page cache."""
+        async with self.lock:
+            p_new = snapshot()
+            # From here, writes not covered by p_new need a log entry in the new slot: they
+            # queue on the lock. Writes covered by p_new are safe in the old slot as well.
+            self.p = p_new
+            self.al.setall(0)
+
+            def work() -> None:
+                flush()
+                self.sf.write_checkpoint(p_new, **fields)
+
+            await self._run_sync(work)
+            self.checkpoints += 1
+
+    async def set_fields(self, **fields: Any) -> None:
+        async with self.lock:
+            await self._run_sync(lambda: self.sf.write_header(**fields))
+
+
+def remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
