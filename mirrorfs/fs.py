@@ -19,6 +19,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from mirrorfs.control import CommandError, apply_command, parse_command, render_status
+from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from mirrorfs.job import VerbRefused
 from mirrorfs.mirror import Mirror
 
@@ -227,6 +228,24 @@ class MirrorOperations(pyfuse3.Operations):
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         if self._handle(fh).inode == IMAGE:
             await self._m.fsync()
+
+    @_guard
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Needs pyfuse3 with the fallocate handler (scripts/setup.sh builds it)."""
+        if self._handle(fh).inode != IMAGE:
+            raise FUSEError(errno.EOPNOTSUPP)
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        changes = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FUSEError(errno.EOPNOTSUPP)  # collapse/insert range would move data
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        if offset + length > self._m.size and not keep_size:
+            raise FUSEError(errno.EPERM)  # a disk does not grow under a mirror
+        if changes:
+            await self._m.fallocate(mode, offset, length)
+        else:  # plain allocation: the content does not change, nothing to mirror
+            self._m.serving.fallocate(mode, offset, min(length, self._m.size - offset))
 
     @_guard
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 KiB, MiB = 1 << 10, 1 << 20
 
 RunSync = Callable[..., Awaitable[Any]]
+Apply = Callable[[FileImage, int, int], None]  # change bytes [lo, hi) of an image
 
 
 class SyncMode(enum.StrEnum):
@@ -190,30 +191,52 @@ class Mirror:
         return self.serving.pread(length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
+        view = memoryview(data)
+
+        def apply(img: FileImage, lo: int, hi: int) -> None:
+            img.pwrite(view[lo - offset:hi - offset], lo)
+
+        await self._change(offset, len(data), apply)
+        return len(data)
+
+    async def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """A guest's punch-hole or zero-range: applied like a write of zeros."""
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return
+
+        def apply(img: FileImage, lo: int, hi: int) -> None:
+            img.fallocate(mode, lo, hi - lo)
+
+        await self._change(offset, length, apply)
+
+    async def _change(self, offset: int, length: int, apply: Apply) -> None:
+        """Change bytes [offset, offset + length) of the disk the way the job needs."""
         persist = self.persist
         while True:
             while self._gate is not None:
                 await self._gate.wait()
             if not self.tracking:
-                return self.serving.pwrite(data, offset)
+                apply(self.serving, offset, offset + length)
+                return
             if self._active:
                 self.guest_writes += 1
-                return await self._active_write(offset, data)
+                await self._active_change(offset, length, apply)
+                return
             if persist is None:
                 break
-            a, b = self.bitmap.chunks_of(offset, len(data))
+            a, b = self.bitmap.chunks_of(offset, length)
             if persist.covers(a, b):
                 break
             # Crash safety: the extent must be in the activity log on disk before the
             # source changes. Then look at the gate again: it may have closed meanwhile.
             await persist.log(a, b)
         self.guest_writes += 1
-        # No checkpoint from here to the mark: the write and its dirty bit are atomic
+        # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain.
-        n = self.source.pwrite(data, offset)
-        self.bitmap.mark(offset, n)  # invariant 1: only after the data is in the source
+        apply(self.source, offset, offset + length)
+        self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
         self._wakeup.set()
-        return n
 
     async def fsync(self) -> None:
         serving = self.serving
@@ -240,25 +263,26 @@ class Mirror:
         busy.done.set()
         self._wakeup.set()
 
-    async def _active_write(self, offset: int, data: bytes) -> int:
+    async def _active_change(self, offset: int, length: int, apply: Apply) -> None:
         """Write-blocking: source, then target, before the guest's write returns."""
-        a, b = self.bitmap.chunks_of(offset, len(data))
+        a, b = self.bitmap.chunks_of(offset, length)
         # Invariant 2: wait for overlapping copies and active writes, then hold the range
         # (the check and the hold happen with no checkpoint in between).
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
         if not self.tracking:  # the job ended while we waited
-            return self.serving.pwrite(data, offset)
+            apply(self.serving, offset, offset + length)
+            return
         busy = self._hold(a, b, 0)
         try:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
                 await self.persist.log(a, b)
-            n = self.source.pwrite(data, offset)
-            lo, hi = self._target_part(offset, offset + n)
+            apply(self.source, offset, offset + length)
+            lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
                 try:
-                    self.target.pwrite(memoryview(data)[lo - offset:hi - offset], lo)
+                    apply(self.target, lo, hi)
                 except OSError as e:
                     self.bitmap.mark_chunks(a, b)  # invariant 3, then the policy
                     self._on_error(CopyError("target", lo, hi - lo, e))
@@ -267,7 +291,6 @@ class Mirror:
                     self.bitmap.clear_chunks(ca, cb)
                     self.active_bytes += hi - lo
                     self.copied_bytes += hi - lo
-            return n
         finally:
             self._release(busy)
 

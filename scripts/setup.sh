@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config fio qemu-utils python3-venv gcc util-linux e2fsprogs
+APT_PKGS=(fuse3 libfuse3-dev pkg-config fio qemu-utils python3-venv gcc patch util-linux e2fsprogs
 	${SETUP_EXTRA:-})
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -28,10 +28,29 @@ if [ ! -x .venv/bin/python ]; then
 	echo "setup: creating .venv"
 	"$PY" -m venv .venv
 fi
+# pyfuse3 3.5.0 with a fallocate handler (third_party/pyfuse3-fallocate.patch): without it
+# the kernel never passes a guest's punch-hole / zero-range / discard on to us.
+PYFUSE3_VERSION=3.5.0
+pyfuse3_patched() {
+	local so
+	so=$(.venv/bin/python -c 'import pyfuse3; print(pyfuse3.__file__)' 2> /dev/null) || return 1
+	grep -q fuse_fallocate_async "$so"
+}
+if ! pyfuse3_patched; then
+	echo "setup: building pyfuse3 $PYFUSE3_VERSION with fallocate support"
+	.venv/bin/pip install -q --upgrade pip > /dev/null
+	work=$(mktemp -d)
+	.venv/bin/pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$work"
+	tar xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
+	patch -s -p1 -d "$work/pyfuse3-$PYFUSE3_VERSION" < third_party/pyfuse3-fallocate.patch
+	rm -f "$work/pyfuse3-$PYFUSE3_VERSION/src/pyfuse3/__init__.c"  # regenerate with Cython
+	.venv/bin/pip install -q "$work/pyfuse3-$PYFUSE3_VERSION"
+	rm -rf "$work"
+	pyfuse3_patched || { echo "setup: the patched pyfuse3 did not install" >&2; exit 1; }
+fi
 stamp=.venv/.mirrorfs-installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	echo "setup: installing mirrorfs and its test tools into .venv"
-	.venv/bin/pip install -q --upgrade pip > /dev/null
 	.venv/bin/pip install -q -e '.[test]'
 	touch "$stamp"
 fi

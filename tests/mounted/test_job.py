@@ -2,6 +2,7 @@
 pause/resume under writes, overlapping writes at a small granularity."""
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -142,3 +143,33 @@ def test_overlapping_writes_at_4k_granularity(tmp_path: Path, mirrorfs: MirrorFa
     m.umount()
     assert bytes(model) == src.read_bytes(), "the source lost a guest write"
     assert_same(src, m.tgt)
+
+
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+def test_guest_punch_hole_and_zero_range_pass_through(tmp_path: Path, mirrorfs: MirrorFactory,
+                                                      mode: str) -> None:
+    src = make_image(tmp_path / "disk.img", 32 * MiB)
+    m = mirrorfs.mount(src, None, "--speed", "16M", "--copy-mode", mode)
+    fd = os.open(m.img, os.O_RDWR)
+    try:
+        # during the bulk copy, then once in sync
+        subprocess.run(["fallocate", "-p", "-o", str(MiB + 4096), "-l", str(3 * MiB), m.img],
+                       check=True)
+        m.command("speed 0")
+        m.wait("ready")
+        subprocess.run(["fallocate", "-p", "-o", str(20 * MiB), "-l", str(6 * MiB), m.img],
+                       check=True)
+        subprocess.run(["fallocate", "-z", "-o", str(10 * MiB + 7), "-l", "100000", m.img],
+                       check=True)
+        with pytest.raises(OSError) as e:
+            os.truncate(m.img, 64 * MiB)  # a disk does not change size under a mirror
+        assert e.value.errno == 1  # EPERM
+        assert os.path.getsize(src) == 32 * MiB
+    finally:
+        os.close(fd)
+    assert allocated(src) <= 24 * MiB, "the punch did not reach the source"
+    m.command("complete")
+    m.wait("completed")
+    m.umount()
+    assert_same(src, m.tgt)
+    assert allocated(m.tgt) <= 24 * MiB, "the holes did not reach the target"
