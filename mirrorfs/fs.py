@@ -12,8 +12,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -33,7 +33,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -75,21 +75,21 @@ class MirrorOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ attributes
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = cast(pyfuse3.InodeT, inode)
+        a.st_ino = inode
         a.st_nlink = 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._t0_ns
         a.entry_timeout = a.attr_timeout = 0
         if inode in (ROOT, MIRROR_DIR):
-            a.st_mode = cast(pyfuse3.ModeT, stat.S_IFDIR | 0o755)
+            a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
         elif inode == IMAGE:
             m = self._m
             st = os.fstat(m.serving.fd)
-            a.st_mode = cast(pyfuse3.ModeT, stat.S_IFREG | (st.st_mode & 0o7777 or 0o600))
+            a.st_mode = stat.S_IFREG | (st.st_mode & 0o7777 or 0o600)
             if stat.S_ISBLK(st.st_mode):
-                a.st_mode = cast(pyfuse3.ModeT, stat.S_IFREG | 0o600)
+                a.st_mode = stat.S_IFREG | 0o600
             a.st_uid, a.st_gid = st.st_uid, st.st_gid
             a.st_size = m.size
             a.st_blocks = st.st_blocks if stat.S_ISREG(st.st_mode) else m.size // 512
@@ -97,9 +97,9 @@ class MirrorOperations(pyfuse3.Operations):
                                                            st.st_ctime_ns)
             a.entry_timeout = a.attr_timeout = 1
         elif inode == CTL:
-            a.st_mode = cast(pyfuse3.ModeT, stat.S_IFREG | 0o600)
+            a.st_mode = stat.S_IFREG | 0o600
         elif inode == EVENTS:
-            a.st_mode = cast(pyfuse3.ModeT, stat.S_IFREG | 0o644)
+            a.st_mode = stat.S_IFREG | 0o644
             a.st_size = self._m.job.events.size  # grows: tail -F sees new events
             a.st_mtime_ns = a.st_ctime_ns = time.time_ns()
         else:
@@ -146,7 +146,7 @@ class MirrorOperations(pyfuse3.Operations):
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         self._children(inode)
-        return cast(pyfuse3.FileHandleT, inode)
+        return (inode)
 
     @_guard
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
@@ -154,7 +154,7 @@ class MirrorOperations(pyfuse3.Operations):
         entries = self._children(fh)
         for i in range(start_id, len(entries)):
             name, inode = entries[i]
-            if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name),
+            if not pyfuse3.readdir_reply(token, (name),
                                          self._attr(inode), i + 1):
                 break
 
@@ -178,7 +178,7 @@ class MirrorOperations(pyfuse3.Operations):
         self._handles[fh] = h
         # direct_io: every client request reaches us as it is (1 MiB for buffered writers
         # too), nothing stale is cached across the pivot, and ctl/events need no size.
-        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), direct_io=True,
+        return pyfuse3.FileInfo(fh=fh, direct_io=True,
                                 keep_cache=False)
 
     def _handle(self, fh: int) -> _Handle:
