@@ -86,11 +86,14 @@ class MirrorOperations(pyfuse3.Operations):
             a.st_nlink = 2
         elif inode == IMAGE:
             m = self._m
-            st = os.fstat(m.serving.fd)
-            a.st_mode = stat.S_IFREG | (st.st_mode & 0o7777 or 0o600)
-            if stat.S_ISBLK(st.st_mode):
+            # the disk keeps the source's mode and owner across the pivot; allocation and
+            # times are those of the image being served
+            src = os.fstat(m.source.fd)
+            a.st_mode = stat.S_IFREG | (src.st_mode & 0o7777 or 0o600)
+            if stat.S_ISBLK(src.st_mode):
                 a.st_mode = stat.S_IFREG | 0o600
-            a.st_uid, a.st_gid = st.st_uid, st.st_gid
+            a.st_uid, a.st_gid = src.st_uid, src.st_gid
+            st = os.fstat(m.serving.fd) if m.serving.fd >= 0 else src
             a.st_size = m.size
             a.st_blocks = st.st_blocks if stat.S_ISREG(st.st_mode) else m.size // 512
             a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = (st.st_atime_ns, st.st_mtime_ns,
@@ -257,7 +260,8 @@ class MirrorOperations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = os.fstatvfs(self._m.serving.fd)
+        serving = self._m.serving
+        st = os.fstatvfs(serving.fd if serving.fd >= 0 else self._m.source.fd)
         d = pyfuse3.StatvfsData()
         for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):
