@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sp.add_parser("mount", help="mount SOURCE at MOUNTPOINT and mirror it to TARGET")
     m.add_argument("source", metavar="SOURCE", help="raw image: regular file or block device")
-    m.add_argument("target", metavar="TARGET", help="created sparse if missing")
+    m.add_argument("target", metavar="TARGET",
+                   help="file (created sparse if missing), block device, or NBD URI "
+                        "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     m.add_argument("--sync", type=SyncMode, choices=list(SyncMode), default=SyncMode.FULL)
     m.add_argument("--granularity", type=_size_arg(GRANULARITY_MIN, GRANULARITY_MAX, True),
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the job's state file (default: TARGET.mirrorfs)")
     m.add_argument("--fresh", action="store_true",
                    help="ignore a saved state and start a new mirror")
+    m.add_argument("--tls-ca", metavar="FILE", help="nbds:// targets: the CA certificate")
+    m.add_argument("--tls-cert", metavar="FILE", help="nbds:// targets: a client certificate")
+    m.add_argument("--tls-key", metavar="FILE", help="nbds:// targets: the client key")
     m.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
 
     s = sp.add_parser("status", help="show the job's status")
@@ -324,7 +329,8 @@ def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
         copy_mode=a.copy_mode, on_source_error=a.on_source_error,
         on_target_error=a.on_target_error, name=a.name, foreground=True,
         allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
-        notify_fd=a.notify_fd, state=a.state, fresh=a.fresh)
+        notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
+        tls_cert=a.tls_cert, tls_key=a.tls_key)
     return mount.run_daemon(opts)
 
 

@@ -30,7 +30,7 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.bitmap import DirtyBitmap
-from mirrorfs.images import ZERO_BLOCK, FileImage
+from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.ratelimit import RateMeter, TokenBucket
 from mirrorfs.state import ActivityLog
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 KiB, MiB = 1 << 10, 1 << 20
 
 RunSync = Callable[..., Awaitable[Any]]
-Apply = Callable[[FileImage, int, int], None]  # change bytes [lo, hi) of an image
+Apply = Callable[[Image, int, int], None]  # change bytes [lo, hi) of an image
 
 
 class SyncMode(enum.StrEnum):
@@ -112,7 +112,7 @@ class _Busy:
 
 
 class Mirror:
-    def __init__(self, source: FileImage, target: FileImage, cfg: MirrorConfig,
+    def __init__(self, source: Image, target: Image, cfg: MirrorConfig,
                  job: Job | None = None, clock: Callable[[], float] = trio.current_time,
                  pid: int | None = None, run_sync: RunSync | None = None,
                  persist: ActivityLog | None = None, resume: bitarray | None = None,
@@ -127,7 +127,7 @@ class Mirror:
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.pid = pid if pid is not None else os.getpid()
         self.bitmap = DirtyBitmap(self.size, cfg.granularity)
-        self.serving: FileImage = source
+        self.serving: Image = source
         self.copy_mode = cfg.copy_mode
         self.actively_synced = False
         self.bucket = TokenBucket(cfg.speed, clock())
@@ -193,7 +193,7 @@ class Mirror:
     async def write(self, offset: int, data: bytes) -> int:
         view = memoryview(data)
 
-        def apply(img: FileImage, lo: int, hi: int) -> None:
+        def apply(img: Image, lo: int, hi: int) -> None:
             img.pwrite(view[lo - offset:hi - offset], lo)
 
         await self._change(offset, len(data), apply)
@@ -205,7 +205,7 @@ class Mirror:
         if length <= 0:
             return
 
-        def apply(img: FileImage, lo: int, hi: int) -> None:
+        def apply(img: Image, lo: int, hi: int) -> None:
             img.fallocate(mode, lo, hi - lo)
 
         await self._change(offset, length, apply)
@@ -661,6 +661,13 @@ class Mirror:
         """Runs in a worker thread: no trio, no bitmap. Stops at the first error; the
         ops not done are marked dirty again by ``_settle``."""
         mv = memoryview(buf)
+        reconnect = getattr(self.target, "reconnect", None)
+        if reconnect is not None and ops:
+            try:  # a network target that dropped: connect again before the retry
+                reconnect()
+            except OSError as e:
+                ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
+                return
         for op in ops:
             try:
                 if op.zero:

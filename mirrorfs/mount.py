@@ -26,10 +26,11 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.fs import MirrorOperations
-from mirrorfs.images import FileImage
+from mirrorfs.images import FileImage, Image
 from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
 from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.state import (
     DEFAULT_EXTENT,
     ActivityLog,
@@ -68,12 +69,15 @@ class MountOptions:
     notify_fd: int | None = None
     state: str | None = None  # the state file (default: TARGET.mirrorfs for a file target)
     fresh: bool = False  # ignore an existing state file
+    tls_ca: str | None = None  # nbds:// targets
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclasses.dataclass
 class Prepared:
     source: FileImage
-    target: FileImage
+    target: Image
     target_created: bool
     mountpoint: str
     name: str
@@ -140,6 +144,8 @@ def check_images(opts: MountOptions) -> tuple[str, os.stat_result, str, os.stat_
         raise MountError(f"source {src} is a directory, not a disk image")
     if not (stat.S_ISREG(sst.st_mode) or stat.S_ISBLK(sst.st_mode)):
         raise MountError(f"source {src} is neither a regular file nor a block device")
+    if _nbd_address(opts) is not None:
+        return src, sst, opts.target, None
     tgt = os.path.abspath(opts.target)
     try:
         tst: os.stat_result | None = os.stat(tgt)
@@ -169,6 +175,34 @@ def _open_image(path: str, what: str) -> FileImage:
         raise MountError(f"cannot open {what} {path} for writing: {e.strerror}") from None
 
 
+def _nbd_address(opts: MountOptions) -> NBDAddress | None:
+    try:
+        return parse_nbd_uri(opts.target)
+    except ValueError as e:
+        raise MountError(str(e)) from None
+
+
+def _open_nbd(addr: NBDAddress, opts: MountOptions, size: int) -> NBDImage:
+    tls = None
+    if addr.tls:
+        try:
+            tls = TLSConfig(ca=opts.tls_ca, cert=opts.tls_cert, key=opts.tls_key)
+        except (ValueError, OSError) as e:
+            raise MountError(f"TLS settings: {e}") from None
+    elif opts.tls_ca or opts.tls_cert or opts.tls_key:
+        raise MountError(f"--tls-* options need an nbds:// target, not {addr}")
+    try:
+        img = NBDImage.connect(addr, tls=tls)
+    except (NBDError, OSError) as e:
+        raise MountError(f"target {addr}: {e}") from None
+    if img.read_only or img.size < size:
+        why = "is read-only" if img.read_only else (
+            f"has {img.size} bytes, less than the source's {size}")
+        img.close()
+        raise MountError(f"target {addr} {why}")
+    return img
+
+
 def _lock(img: FileImage, what: str) -> None:
     try:
         lock_image(img.fd, img.path)
@@ -188,20 +222,25 @@ def prepare(opts: MountOptions) -> Prepared:
     if not name or "/" in name or name in (".", "..", ".mirror"):
         raise MountError(f"invalid image name {name!r}")
     source = _open_image(src, "source")
-    target: FileImage | None = None
+    target: Image | None = None
     created = False
+    nbd = _nbd_address(opts)
     try:
         _lock(source, "source")
         if source.size == 0:
             raise MountError(f"source {src} is empty")
-        if tst is not None:
-            target = _open_image(tgt, "target")
-            _lock(target, "target")
-            _check_target_size(target, source.size)
+        if nbd is not None:
+            target = _open_nbd(nbd, opts, source.size)
+        elif tst is not None:
+            ftarget = _open_image(tgt, "target")
+            target = ftarget
+            _lock(ftarget, "target")
+            _check_target_size(ftarget, source.size)
         else:
-            target = _create_target(tgt, source.size, source.fd)
+            ftarget = _create_target(tgt, source.size, source.fd)
+            target = ftarget
             created = True
-            _lock(target, "target")
+            _lock(ftarget, "target")
         prep = Prepared(source, target, created, mnt, name, notes, fresh=created,
                         granularity=opts.granularity)
         _prepare_state(prep, opts)
@@ -216,23 +255,26 @@ def prepare(opts: MountOptions) -> Prepared:
 
 
 # ====================================================================== the state file
-def _state_path(opts: MountOptions, target: FileImage) -> str | None:
+def _state_path(opts: MountOptions, target: Image) -> str | None:
     if opts.state:
         return os.path.abspath(opts.state)
-    if target.is_block:
-        return None  # no place next to a device; use --state to keep the job's state
+    if target.is_block or target.fd < 0:
+        return None  # no place next to a device or an export: --state keeps the job's state
     return target.path + ".mirrorfs"
 
 
-def _image_id(img: FileImage) -> dict[str, Any]:
+def _image_id(img: Image) -> dict[str, Any]:
+    if img.fd < 0:  # an NBD export: its URI is all we know
+        return {"path": img.path, "size": img.size}
     return {"path": img.path, "size": img.size, **identity(img.fd)}
 
 
 def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
     path = _state_path(opts, prep.target)
     if path is None:
-        prep.notes.append("the target is a block device and --state is not given: the "
-                          "job's state is not saved (no resume after a crash)")
+        what = "a block device" if prep.target.is_block else "an NBD export"
+        prep.notes.append(f"the target is {what} and --state is not given: the job's state "
+                          "is not saved (no resume after a crash)")
         return
     if os.path.exists(path) and not opts.fresh and not prep.fresh:
         sf = _open_state(path)
@@ -276,13 +318,13 @@ def _resume_from(prep: Prepared, sf: StateFile, path: str) -> bool:
     src, tgt = prep.source, prep.target
     for what, img, saved in (("source", src, h.get("source", {})),
                              ("target", tgt, h.get("target", {}))):
-        now = identity(img.fd)
-        if (saved.get("dev"), saved.get("ino")) != (now["dev"], now["ino"]) \
-                or saved.get("size") != img.size:
+        now = _image_id(img)
+        if (saved.get("dev"), saved.get("ino")) != (now.get("dev"), now.get("ino")) \
+                or saved.get("size") != img.size or (img.fd < 0 and saved.get("path") != img.path):
             raise MountError(f"the state file {path} belongs to another {what} "
                              f"({saved.get('path')}): use --fresh to start a new mirror")
         if h.get("clean") and h.get("phase") == "running" \
-                and saved.get("mtime_ns") != now["mtime_ns"]:
+                and saved.get("mtime_ns") != now.get("mtime_ns"):
             raise MountError(f"the {what} {img.path} was modified after the job stopped: "
                              "resuming could miss those writes; use --fresh to start over")
     phase = h.get("phase")

@@ -134,12 +134,13 @@ class MirrorFactory:
         self.mounts: list[Mount] = []
 
     def mount(self, src: Path, tgt: Path | None = None, *opts: str,
-              mnt: Path | None = None) -> Mount:
+              mnt: Path | None = None, target_uri: str | None = None) -> Mount:
         tgt = tgt or self.tmp / (src.stem + ".target" + src.suffix)
         mnt = mnt or self.tmp / f"mnt{len(self.mounts)}"
         mnt.mkdir(exist_ok=True)
         log = self.tmp / f"daemon{len(self.mounts)}.log"
-        r = run_mirrorfs("mount", str(src), str(tgt), str(mnt), "--log", str(log), *opts)
+        r = run_mirrorfs("mount", str(src), target_uri or str(tgt), str(mnt), "--log", str(log),
+                         *opts)
         name = src.name
         for i, o in enumerate(opts):
             if o == "--name":

@@ -1,0 +1,1107 @@
+"""An NBD client, so that a mirror target can be an export on an NBD server (qemu-nbd, nbdkit,
+nbd-server) instead of a local file: ``NBDImage`` offers the methods of ``FileImage`` that the
+mirror uses.
+
+Protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md): fixed newstyle
+handshake, optional NBD_OPT_STARTTLS first (``nbds://``: never falls back to clear text), then
+NBD_OPT_GO with an NBD_INFO_BLOCK_SIZE request (falls back to NBD_OPT_EXPORT_NAME on servers
+without NBD_OPT_GO). Transmission uses simple replies only.
+
+Threading. The methods are plain blocking calls, safe to call from any number of threads at
+once (the copier's worker threads, and inline from the trio thread). One connection carries
+many requests in flight:
+
+- a caller registers its request under a handle (cookie) and writes header + payload to the
+  socket under ``send_lock``, so that requests never interleave on the wire;
+- one reader thread per connection reads every reply, finds the request by its handle, reads
+  a read's payload straight into the caller's buffer, and sets the request's Event;
+- a call larger than the server's maximum block size is split, and its pieces are pipelined
+  (up to ``_WINDOW`` in flight); a call returns only once all its pieces are answered or
+  failed, so no reply can land in a buffer after the call returned.
+
+When the connection breaks (EOF, socket error, protocol error, a reply that takes longer than
+``io_timeout``), the reader fails every pending request with OSError(ECONNRESET) and every later
+call fails the same way, until ``reconnect()`` opens a new connection and handshakes again. The
+caller is expected to treat failed writes as not done (the mirror marks them dirty again).
+
+TLS uses ``ssl.SSLObject`` on memory BIOs rather than ``SSLSocket``: an OpenSSL connection
+must not be used by two threads at once, and here the reader decrypts while callers encrypt.
+All OpenSSL calls hold ``_TLS.lock``; the socket I/O happens outside it.
+"""
+
+import dataclasses
+import errno
+import os
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+
+from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
+Buffer = bytes | bytearray | memoryview
+
+# ---------------------------------------------------------------------------------- protocol
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+CLISERV_MAGIC = 0x00420281861253  # oldstyle negotiation
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
+# options
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+# option replies
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_FLAG_ERROR = 1 << 31
+REP_ERR_UNSUP = REP_FLAG_ERROR + 1
+REP_ERR_POLICY = REP_FLAG_ERROR + 2
+REP_ERR_INVALID = REP_FLAG_ERROR + 3
+REP_ERR_PLATFORM = REP_FLAG_ERROR + 4
+REP_ERR_TLS_REQD = REP_FLAG_ERROR + 5
+REP_ERR_UNKNOWN = REP_FLAG_ERROR + 6
+REP_ERR_SHUTDOWN = REP_FLAG_ERROR + 7
+REP_ERR_BLOCK_SIZE_REQD = REP_FLAG_ERROR + 8
+REP_ERR_TOO_BIG = REP_FLAG_ERROR + 9
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# transmission flags
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_ROTATIONAL = 1 << 4
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TFLAG_SEND_DF = 1 << 7
+TFLAG_CAN_MULTI_CONN = 1 << 8
+TFLAG_SEND_CACHE = 1 << 10
+TFLAG_SEND_FAST_ZERO = 1 << 11
+
+# commands and command flags
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+
+# error values (they are errno values on Linux)
+NBD_ERRORS = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
+              errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN}
+
+DEFAULT_PORT = 10809
+DEFAULT_MAX_IO = 32 << 20  # largest READ/WRITE without NBD_INFO_BLOCK_SIZE (2^25)
+UNLIMITED_ZERO_STEP = 1 << 30  # WRITE_ZEROES piece when the server states no maximum
+_WINDOW = 16  # pieces of one call in flight at once
+_ZERO = bytes(1 << 20)
+_MAX_OPT_REPLY = 1 << 20
+
+_OPT_HDR = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPT_REPLY_HDR = struct.Struct(">QIII")  # magic, option, type, length
+_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
+_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+
+_CMD_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_DISC: "disconnect",
+              CMD_FLUSH: "flush", CMD_TRIM: "trim", CMD_WRITE_ZEROES: "write-zeroes"}
+_REP_NAMES = {REP_ERR_UNSUP: "NBD_REP_ERR_UNSUP", REP_ERR_POLICY: "NBD_REP_ERR_POLICY",
+              REP_ERR_INVALID: "NBD_REP_ERR_INVALID", REP_ERR_PLATFORM: "NBD_REP_ERR_PLATFORM",
+              REP_ERR_TLS_REQD: "NBD_REP_ERR_TLS_REQD", REP_ERR_UNKNOWN: "NBD_REP_ERR_UNKNOWN",
+              REP_ERR_SHUTDOWN: "NBD_REP_ERR_SHUTDOWN",
+              REP_ERR_BLOCK_SIZE_REQD: "NBD_REP_ERR_BLOCK_SIZE_REQD",
+              REP_ERR_TOO_BIG: "NBD_REP_ERR_TOO_BIG"}
+
+
+class NBDError(OSError):
+    """Cannot connect or handshake; ``strerror`` (and ``str()``) is a message for the user."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class _ProtocolError(OSError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPROTO, f"NBD protocol error: {message}")
+
+
+# ---------------------------------------------------------------------------------- URIs
+@dataclasses.dataclass(frozen=True)
+class NBDAddress:
+    """Where an export is: TCP (``host``, ``port``) or a Unix socket (``socket_path``)."""
+
+    uri: str
+    export: str = ""
+    tls: bool = False
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    socket_path: str | None = None
+    tls_hostname: str | None = None  # certificate name to check (URI tls-hostname=)
+    tls_verify: bool = True  # URI tls-verify-peer=0 turns verification off
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def where(self) -> str:
+        """The server's address for messages."""
+        if self.socket_path is not None:
+            return f"unix socket {self.socket_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_SCHEMES = {"nbd": (False, False), "nbd+tcp": (False, False), "nbds": (True, False),
+            "nbds+tcp": (True, False), "nbd+unix": (False, True), "nbds+unix": (True, True)}
+_SCHEME_RE = re.compile(r"nbds?(\+[A-Za-z0-9.-]*)?:", re.IGNORECASE)
+_URI_FORMS = "nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, or nbds:// / nbds+unix://"
+
+
+def parse_nbd_uri(text: str) -> NBDAddress | None:
+    """The address in an NBD URI; None if ``text`` is not one (e.g. a file name).
+
+    ``nbd://HOST[:PORT]/EXPORT`` (port 10809 by default, the export may be empty),
+    ``nbd+unix:///EXPORT?socket=PATH``, and ``nbds://``, ``nbds+unix://`` for TLS. Query
+    parameters ``tls-hostname`` and ``tls-verify-peer`` (0/1) are understood for TLS.
+    Raises ValueError for a malformed NBD URI."""
+    m = _SCHEME_RE.match(text)
+    if m is None:
+        return None
+    scheme = text[:m.end() - 1].lower()
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"invalid NBD URI {text!r}: {why} (expected {_URI_FORMS})")
+
+    if scheme not in _SCHEMES:
+        raise bad(f"unsupported scheme {scheme!r}")
+    if not text[m.end():].startswith("//"):
+        raise bad(f"{scheme}: must be followed by //  (for a file of that name, write ./{text})")
+    tls, unix = _SCHEMES[scheme]
+    try:
+        u = urllib.parse.urlsplit(text)
+    except ValueError as e:
+        raise bad(str(e)) from None
+    try:
+        port = u.port
+    except ValueError as e:
+        raise bad(f"bad port ({e})") from None
+    if u.fragment or text.endswith("#"):
+        raise bad("a fragment (#...) is not allowed; write # in an export name as %23")
+    if u.username is not None or u.password is not None:
+        raise bad("user names are not supported")
+    try:
+        export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path,
+                                      errors="strict")
+        query = urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=True,
+                                       errors="strict") if u.query else []
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(str(e)) from None
+    if "\0" in export:
+        raise bad("the export name contains a NUL character")
+    if len(export.encode()) > 4096:
+        raise bad("the export name is longer than 4096 bytes")
+    params: dict[str, str] = {}
+    for key, value in query:
+        if key in params:
+            raise bad(f"parameter {key!r} given twice")
+        params[key] = value
+    sock = params.pop("socket", None)
+    tls_hostname = params.pop("tls-hostname", None)
+    verify = params.pop("tls-verify-peer", None)
+    tls_type = params.pop("tls-type", None)
+    if params:
+        raise bad(f"unknown parameter {sorted(params)[0]!r}")
+    if not tls and (tls_hostname is not None or verify is not None or tls_type is not None):
+        raise bad(f"TLS parameters need a TLS scheme (nbds://, nbds+unix://), not {scheme}://")
+    if tls_type is not None and tls_type.lower() != "x509":
+        raise bad(f"tls-type={tls_type} is not supported (only x509)")
+    if verify is not None and verify not in ("0", "1"):
+        raise bad("tls-verify-peer must be 0 or 1")
+    if tls_hostname == "":
+        raise bad("tls-hostname is empty")
+    if unix:
+        if u.netloc:
+            raise bad(f"{scheme}:// takes no host; write {scheme}:///EXPORT?socket=PATH")
+        if not sock:
+            raise bad(f"{scheme}:// needs ?socket=PATH")
+        return NBDAddress(uri=text, export=export, tls=tls, socket_path=sock,
+                          tls_hostname=tls_hostname, tls_verify=verify != "0")
+    if sock is not None:
+        raise bad(f"socket= is only for nbd+unix:// and nbds+unix://, not {scheme}://")
+    if not u.hostname:
+        raise bad("no host")
+    if port == 0:
+        raise bad("port 0")
+    return NBDAddress(uri=text, export=export, tls=tls, host=u.hostname,
+                      port=DEFAULT_PORT if port is None else port,
+                      tls_hostname=tls_hostname, tls_verify=verify != "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """X.509 credentials for ``nbds://``: the CA that signed the server's certificate (None:
+    the system's trust store) and optionally a client certificate and key (servers such as
+    qemu-nbd with verify-peer=on, its default, require one)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None and self.cert is None:
+            raise ValueError("a TLS client key needs a client certificate")
+
+    def context(self, verify: bool = True) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            if self.ca is not None:
+                ctx.load_verify_locations(cafile=self.ca)
+            else:
+                ctx.load_default_certs()
+        except (OSError, ssl.SSLError) as e:
+            raise NBDError(errno.EINVAL, f"cannot load the TLS CA certificate {self.ca}: "
+                           f"{e.strerror or e}") from None
+        if self.cert is not None:
+            try:
+                ctx.load_cert_chain(self.cert, self.key)
+            except (OSError, ssl.SSLError) as e:
+                raise NBDError(errno.EINVAL, f"cannot load the TLS client certificate "
+                               f"{self.cert} / key {self.key or self.cert}: "
+                               f"{e.strerror or e}") from None
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+# ---------------------------------------------------------------------------------- transports
+class _Plain:
+    """The socket itself."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.send_lock = threading.Lock()  # held by whoever writes a message
+
+    def recv_into(self, buf: memoryview) -> int:
+        return self.sock.recv_into(buf)
+
+    def send(self, parts: Sequence[Buffer]) -> None:
+        """Write all of ``parts``, in order (the caller holds ``send_lock``)."""
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
+            n = self.sock.sendmsg(views)
+            while n:
+                if n >= views[0].nbytes:
+                    n -= views.pop(0).nbytes
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def close_notify(self) -> None:
+        pass
+
+
+class _TLS(_Plain):
+    """TLS over the socket, with OpenSSL driven through memory BIOs under ``lock``."""
+
+    RECV = 256 << 10
+    CHUNK = 256 << 10  # plaintext per encryption step (bounds the ciphertext buffer)
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext,
+                 hostname: str | None) -> None:
+        super().__init__(sock)
+        self.lock = threading.Lock()
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=False,
+                                server_hostname=hostname)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                with self.lock:
+                    self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def version(self) -> str | None:
+        return self.obj.version()
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(self.RECV)
+        with self.lock:
+            if data:
+                self.inc.write(data)
+            else:
+                self.inc.write_eof()
+        return bool(data)
+
+    def _flush(self) -> None:
+        with self.lock:
+            data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def recv_into(self, buf: memoryview) -> int:
+        while True:
+            with self.lock:
+                try:
+                    return cast(int, self.obj.read(len(buf), buf))
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return 0
+                pending_out = self.out.pending
+            if pending_out and self.send_lock.acquire(blocking=False):
+                # Bytes OpenSSL produced while reading (e.g. a TLS 1.3 key update). If a
+                # sender holds the lock, it drains them in order with its own data.
+                try:
+                    self._flush()
+                finally:
+                    self.send_lock.release()
+            if not self._fill():
+                with self.lock:
+                    try:
+                        return cast(int, self.obj.read(len(buf), buf))
+                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        return 0
+
+    def send(self, parts: Sequence[Buffer]) -> None:
+        views = [memoryview(p) for p in parts if len(p)]
+        for i, mv in enumerate(views):
+            for pos in range(0, mv.nbytes, self.CHUNK):
+                piece = mv[pos:pos + self.CHUNK]
+                with self.lock:
+                    while piece.nbytes:
+                        piece = piece[self.obj.write(piece):]
+                    if i < len(views) - 1 and pos + self.CHUNK >= mv.nbytes:
+                        continue  # a header goes out together with the start of its payload
+                    data = self.out.read()
+                self.sock.sendall(data)
+
+    def close_notify(self) -> None:
+        with self.lock:
+            try:
+                self.obj.unwrap()
+            except ssl.SSLError:
+                pass  # SSLWantReadError: the peer's close_notify is not awaited
+            data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+
+def _recv_exact(t: _Plain, buf: memoryview) -> None:
+    pos, n = 0, len(buf)
+    while pos < n:
+        got = t.recv_into(buf[pos:])
+        if got == 0:
+            raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
+        pos += got
+
+
+def _recv_bytes(t: _Plain, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_exact(t, memoryview(buf))
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------------- handshake
+@dataclasses.dataclass
+class _Export:
+    size: int
+    flags: int
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int | None = None  # None: not advertised
+    tls_version: str | None = None
+
+
+def _send_option(t: _Plain, opt: int, data: bytes = b"") -> None:
+    t.send((_OPT_HDR.pack(IHAVEOPT, opt, len(data)), data))
+
+
+def _option_reply(t: _Plain, opt: int) -> tuple[int, bytes]:
+    magic, ropt, rtype, length = _OPT_REPLY_HDR.unpack(_recv_bytes(t, _OPT_REPLY_HDR.size))
+    if magic != OPT_REPLY_MAGIC:
+        raise _ProtocolError(f"bad option reply magic 0x{magic:x}")
+    if ropt != opt:
+        raise _ProtocolError(f"reply to option {ropt} while waiting for option {opt}")
+    if length > _MAX_OPT_REPLY:
+        raise _ProtocolError(f"option reply of {length} bytes")
+    return rtype, _recv_bytes(t, length) if length else b""
+
+
+def _abort(t: _Plain) -> None:
+    """Soft disconnect during option haggling (best effort: we are failing anyway)."""
+    try:
+        _send_option(t, OPT_ABORT)
+    except OSError:
+        pass
+
+
+def _server_says(data: bytes) -> str:
+    text = data.decode("utf-8", "replace").strip()
+    return f" (server: {text})" if text else ""
+
+
+def _option_error(addr: NBDAddress, opt: str, rtype: int, data: bytes) -> NBDError:
+    name = _REP_NAMES.get(rtype, f"error 0x{rtype:x}")
+    says = _server_says(data)
+    if rtype == REP_ERR_UNKNOWN:
+        return NBDError(errno.ENOENT, f"{addr}: the server at {addr.where} has no export "
+                        f"named {addr.export!r}{says}")
+    if rtype == REP_ERR_TLS_REQD:
+        return NBDError(errno.EACCES, f"{addr}: the server requires TLS{says}; connect "
+                        f"with an nbds:// or nbds+unix:// URI")
+    if rtype == REP_ERR_SHUTDOWN:
+        return NBDError(errno.ESHUTDOWN, f"{addr}: the server is shutting down{says}")
+    if rtype == REP_ERR_POLICY:
+        return NBDError(errno.EACCES, f"{addr}: the server refused {opt} ({name}){says}")
+    return NBDError(errno.EPROTO, f"{addr}: the server refused {opt} ({name}){says}")
+
+
+def _negotiate(t: _Plain, addr: NBDAddress, tls_ctx: ssl.SSLContext | None
+               ) -> tuple[_Plain, _Export]:
+    """The whole handshake on a connected socket; returns the transport to use from now on
+    (TLS after STARTTLS) and what the server said about the export."""
+    magic, second = struct.unpack(">QQ", _recv_bytes(t, 16))
+    if magic != NBDMAGIC:
+        raise NBDError(errno.EPROTO, f"{addr}: {addr.where} is not an NBD server")
+    if second == CLISERV_MAGIC:
+        raise NBDError(errno.EPROTO, f"{addr}: the server speaks the oldstyle NBD handshake, "
+                       "which is not supported (use a newstyle server, e.g. qemu-nbd, "
+                       "nbdkit, nbd-server >= 3.10)")
+    if second != IHAVEOPT:
+        raise NBDError(errno.EPROTO, f"{addr}: unexpected NBD greeting 0x{second:x}")
+    (hflags,) = struct.unpack(">H", _recv_bytes(t, 2))
+    fixed = bool(hflags & FLAG_FIXED_NEWSTYLE)
+    no_zeroes = bool(hflags & FLAG_NO_ZEROES)
+    t.send((struct.pack(">I", (FLAG_C_FIXED_NEWSTYLE if fixed else 0)
+                        | (FLAG_C_NO_ZEROES if no_zeroes else 0)),))
+    tls_version = None
+    if tls_ctx is not None:
+        if not fixed:
+            raise NBDError(errno.ENOTSUP, f"{addr}: the server does not support TLS (no fixed "
+                           "newstyle handshake); refusing to continue without encryption")
+        _send_option(t, OPT_STARTTLS)
+        rtype, data = _option_reply(t, OPT_STARTTLS)
+        if rtype != REP_ACK:
+            _abort(t)
+            reason = _REP_NAMES.get(rtype, f"reply 0x{rtype:x}")
+            says = data.decode("utf-8", "replace").strip()
+            raise NBDError(errno.ENOTSUP, f"{addr}: the server does not offer TLS ({reason}"
+                           f"{': ' + says if says else ''}); refusing to continue without "
+                           "encryption")
+        hostname = addr.tls_hostname or addr.host
+        tt = _TLS(t.sock, tls_ctx, hostname)
+        try:
+            tt.handshake()
+        except ssl.SSLCertVerificationError as e:
+            raise NBDError(errno.EACCES, f"{addr}: TLS: the server's certificate is not "
+                           f"trusted: {e.verify_message or e}") from None
+        except ssl.SSLError as e:
+            raise NBDError(errno.EPROTO, f"{addr}: TLS handshake failed: {e}") from None
+        t = tt
+        tls_version = tt.version()
+    info = _go(t, addr, no_zeroes) if fixed else None
+    if info is None:
+        info = _export_name(t, addr, no_zeroes)
+    info.tls_version = tls_version
+    return t, info
+
+
+def _go(t: _Plain, addr: NBDAddress, no_zeroes: bool) -> _Export | None:
+    """NBD_OPT_GO; None if the server does not know it."""
+    name = addr.export.encode()
+    _send_option(t, OPT_GO, struct.pack(">I", len(name)) + name
+                 + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
+    info: _Export | None = None
+    block: tuple[int, int, int] | None = None
+    while True:
+        rtype, data = _option_reply(t, OPT_GO)
+        if rtype == REP_INFO:
+            if len(data) < 2:
+                raise _ProtocolError("short NBD_REP_INFO")
+            (itype,) = struct.unpack(">H", data[:2])
+            if itype == INFO_EXPORT:
+                if len(data) != 12:
+                    raise _ProtocolError(f"NBD_INFO_EXPORT of {len(data)} bytes")
+                info = _Export(*struct.unpack(">QH", data[2:]))
+            elif itype == INFO_BLOCK_SIZE:
+                if len(data) != 14:
+                    raise _ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
+                block = struct.unpack(">III", data[2:])
+        elif rtype == REP_ACK:
+            if info is None:
+                raise _ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
+            if block is not None:
+                info.min_block, info.preferred_block, max_block = block
+                info.max_block = max_block
+                mb = info.min_block
+                if mb < 1 or mb & (mb - 1) or mb > 65536 or max_block < mb:
+                    raise _ProtocolError(f"bad block sizes {block}")
+            return info
+        elif rtype == REP_ERR_UNSUP:
+            return None
+        elif rtype & REP_FLAG_ERROR:
+            _abort(t)
+            raise _option_error(addr, "NBD_OPT_GO", rtype, data)
+        else:
+            raise _ProtocolError(f"unexpected reply {rtype} to NBD_OPT_GO")
+
+
+def _export_name(t: _Plain, addr: NBDAddress, no_zeroes: bool) -> _Export:
+    _send_option(t, OPT_EXPORT_NAME, addr.export.encode())
+    try:
+        data = _recv_bytes(t, 10 if no_zeroes else 134)
+    except ConnectionResetError:
+        raise NBDError(errno.ENOENT, f"{addr}: the server closed the connection after "
+                       f"NBD_OPT_EXPORT_NAME: it probably has no export named "
+                       f"{addr.export!r}") from None
+    size, flags = struct.unpack(">QH", data[:10])
+    return _Export(size, flags)
+
+
+# ---------------------------------------------------------------------------------- connection
+class _Req:
+    __slots__ = ("buf", "cmd", "err", "event", "exc", "length", "offset")
+
+    def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None) -> None:
+        self.cmd, self.offset, self.length, self.buf = cmd, offset, length, buf
+        self.err = 0  # the server's error value
+        self.exc: OSError | None = None  # the connection failed before the reply
+        self.event = threading.Event()
+
+
+class _Conn:
+    """One handshaken connection in the transmission phase, and its reader thread."""
+
+    def __init__(self, t: _Plain, label: str, io_timeout: float | None) -> None:
+        self.t = t
+        self.label = label
+        self.io_timeout = io_timeout
+        self.plock = threading.Lock()  # pending, next_handle, error, closing
+        self.pending: dict[int, _Req] = {}
+        self.next_handle = 1
+        self.error: BaseException | None = None  # set once: why the connection is unusable
+        self.closing = False  # NBD_CMD_DISC sent (or due): no new requests
+        self.disc_sent = False
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name=f"nbd-reader {label}")
+
+    # -------------------------------------------------------------- state
+    @property
+    def alive(self) -> bool:
+        return self.error is None and not self.closing
+
+    def lost(self) -> OSError:
+        why = self.error
+        if why is None:
+            text = "the server is shutting down" if self.closing else "closed"
+        elif isinstance(why, OSError) and why.strerror:
+            text = why.strerror
+        else:
+            text = str(why) or type(why).__name__
+        return OSError(errno.ECONNRESET, f"NBD connection to {self.label} lost: {text}")
+
+    def fail(self, why: BaseException) -> None:
+        """Make the connection unusable; the reader then fails everything pending."""
+        with self.plock:
+            if self.error is None:
+                self.error = why
+        try:
+            self.t.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -------------------------------------------------------------- requests
+    def _acquire_send(self) -> None:
+        timeout = -1.0 if self.io_timeout is None else self.io_timeout
+        if not self.t.send_lock.acquire(timeout=timeout):
+            self.fail(TimeoutError(errno.ETIMEDOUT, f"could not send for {timeout:g} s"))
+            raise self.lost()
+
+    def submit(self, cmd: int, offset: int, length: int, flags: int = 0,
+               payload: Buffer | None = None, buf: memoryview | None = None) -> _Req:
+        """Send one request. Once this returns, the request completes (reply or failure)
+        and ``wait`` must be called; raises only if nothing was sent."""
+        req = _Req(cmd, offset, length, buf)
+        self._acquire_send()
+        try:
+            with self.plock:
+                if self.error is not None or self.closing:
+                    raise self.lost()
+                handle = self.next_handle
+                self.next_handle += 1
+                self.pending[handle] = req
+            header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
+            try:
+                self.t.send((header,) if payload is None else (header, payload))
+            except OSError as e:
+                self.fail(e)  # the reader fails ``req``
+        finally:
+            self.t.send_lock.release()
+        return req
+
+    def wait(self, req: _Req) -> OSError | None:
+        """The outcome of a submitted request: None on success."""
+        if not req.event.wait(self.io_timeout):
+            self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply to an NBD {_CMD_NAMES[req.cmd]}"
+                                   f" within {self.io_timeout:g} s"))
+            req.event.wait()  # the reader stops at once on the shut-down socket
+        if req.exc is not None:
+            return req.exc
+        if req.err == 0:
+            return None
+        err = req.err if req.err in NBD_ERRORS else errno.EINVAL
+        if err == errno.ESHUTDOWN:
+            self.disconnect()  # the protocol wants a soft disconnect now
+        return OSError(err, f"{os.strerror(err)} (NBD {_CMD_NAMES.get(req.cmd, req.cmd)} "
+                       f"of {req.length} bytes at {req.offset} on {self.label})")
+
+    def disconnect(self) -> None:
+        """Send NBD_CMD_DISC once; nothing is sent after it."""
+        try:
+            self._acquire_send()
+        except OSError:
+            return
+        try:
+            with self.plock:
+                if self.disc_sent or self.error is not None:
+                    return
+                self.disc_sent = self.closing = True
+            try:
+                self.t.send((_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0),))
+                self.t.close_notify()
+            except OSError as e:
+                self.fail(e)
+        finally:
+            self.t.send_lock.release()
+
+    def close(self, graceful: bool, timeout: float = 5.0) -> None:
+        """Disconnect (NBD_CMD_DISC after the pending requests, if ``graceful``), stop the
+        reader and close the socket."""
+        if graceful and self.alive:
+            deadline = time.monotonic() + timeout
+            while self.pending and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.disconnect()
+            self.reader.join(timeout)  # the server closes after NBD_CMD_DISC
+        self.fail(ConnectionResetError(errno.ECONNRESET, "closed"))
+        if self.reader.is_alive() and threading.current_thread() is not self.reader:
+            self.reader.join(timeout)
+        self.t.sock.close()
+
+    # -------------------------------------------------------------- reader thread
+    def _read_loop(self) -> None:
+        t = self.t
+        header = bytearray(_SIMPLE_REPLY.size)
+        hv = memoryview(header)
+        cur: _Req | None = None
+        why: BaseException = ConnectionResetError(errno.ECONNRESET, "closed")
+        try:
+            while True:
+                _recv_exact(t, hv)
+                magic, err, handle = _SIMPLE_REPLY.unpack(header)
+                if magic != SIMPLE_REPLY_MAGIC:
+                    what = ("a structured reply" if magic == STRUCTURED_REPLY_MAGIC
+                            else f"magic 0x{magic:08x}")
+                    raise _ProtocolError(f"unexpected {what} from the server")
+                with self.plock:
+                    cur = self.pending.pop(handle, None)
+                if cur is None:
+                    raise _ProtocolError(f"reply for unknown handle {handle}")
+                if cur.cmd == CMD_READ and err == 0 and cur.buf is not None:
+                    _recv_exact(t, cur.buf)
+                cur.err = err
+                if err == errno.ESHUTDOWN:
+                    with self.plock:
+                        self.closing = True
+                cur.event.set()
+                cur = None
+        except BaseException as e:  # whatever it is, the connection is over
+            why = e
+        finally:
+            with self.plock:
+                if self.error is None:
+                    self.error = why
+                reqs = list(self.pending.values())
+                self.pending.clear()
+            if cur is not None:
+                reqs.append(cur)
+            lost = self.lost()
+            for r in reqs:
+                r.exc = lost
+                r.event.set()
+
+
+def _open(addr: NBDAddress, tls: TLSConfig | None, timeout: float,
+          io_timeout: float | None) -> tuple[_Conn, _Export]:
+    ctx: ssl.SSLContext | None = None
+    if addr.tls:
+        ctx = (tls or TLSConfig()).context(addr.tls_verify)
+        if addr.socket_path is not None and addr.tls_hostname is None:
+            # No host name to check over a Unix socket: the certificate must still be signed
+            # by the CA, but its name is not checked (tls-hostname= in the URI checks one).
+            ctx.check_hostname = False
+    try:
+        if addr.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(addr.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            assert addr.host is not None
+            sock = socket.create_connection((addr.host, addr.port), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
+        raise NBDError(e.errno or errno.ECONNREFUSED,
+                       f"{addr}: cannot connect to {addr.where}: {e.strerror or e}") from None
+    try:
+        try:
+            t, info = _negotiate(_Plain(sock), addr, ctx)
+        except NBDError:
+            raise
+        except TimeoutError:
+            raise NBDError(errno.ETIMEDOUT, f"{addr}: no answer from {addr.where} within "
+                           f"{timeout:g} s during the NBD handshake") from None
+        except OSError as e:
+            hint = (" (TLS: does the server require a client certificate?)"
+                    if ctx is not None and isinstance(e, ssl.SSLError | ConnectionError) else "")
+            raise NBDError(e.errno or errno.EPROTO, f"{addr}: NBD handshake with {addr.where} "
+                           f"failed: {e.strerror or e}{hint}") from None
+        if not info.flags & TFLAG_HAS_FLAGS:
+            info.flags = 0
+        sock.settimeout(None)
+        if io_timeout is not None:  # a server that stops reading must not block senders
+            sec = int(io_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", sec, int((io_timeout - sec) * 1e6)))
+    except BaseException:
+        sock.close()
+        raise
+    conn = _Conn(t, addr.uri, io_timeout)
+    conn.reader.start()
+    return conn, info
+
+
+def _down(x: int, a: int) -> int:
+    return x - x % a
+
+
+def _up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+# ---------------------------------------------------------------------------------- image
+class NBDImage:
+    """An NBD export with the interface of ``FileImage`` (see images.py).
+
+    Every method is blocking and thread-safe; see the module docstring. Errors are OSError:
+    the server's error value (EIO, ENOSPC, ...) or ECONNRESET once the connection is lost
+    (until ``reconnect()``)."""
+
+    is_block = False
+    fd = -1  # no file descriptor: fstat, locks and identity() do not apply
+
+    def __init__(self, addr: NBDAddress, tls: TLSConfig | None, timeout: float,
+                 io_timeout: float | None, conn: _Conn, info: _Export) -> None:
+        self.addr = addr
+        self.path = addr.uri
+        self.size = info.size
+        self._tls = tls
+        self._timeout = timeout
+        self._io_timeout = io_timeout
+        self._conn = conn
+        self._reconnect_lock = threading.Lock()
+        self._rmw_lock = threading.Lock()  # read-modify-write of partial minimum blocks
+        self._closed = False
+        self._zero_ok = True
+        self._set_export(info)
+
+    def _set_export(self, info: _Export) -> None:
+        self.flags = info.flags
+        self.read_only = bool(info.flags & TFLAG_READ_ONLY)
+        self.can_flush = bool(info.flags & TFLAG_SEND_FLUSH)
+        self.can_zero = bool(info.flags & TFLAG_SEND_WRITE_ZEROES)
+        self.can_trim = bool(info.flags & TFLAG_SEND_TRIM)
+        self.can_multi_conn = bool(info.flags & TFLAG_CAN_MULTI_CONN)
+        self.tls_version = info.tls_version
+        mb = self.min_block = info.min_block
+        self.preferred_block = info.preferred_block
+        self.max_block = info.max_block
+        io = DEFAULT_MAX_IO if info.max_block is None else min(info.max_block, DEFAULT_MAX_IO)
+        self._max_io = max(mb, _down(io, mb))
+        zero = UNLIMITED_ZERO_STEP if info.max_block in (None, 0xFFFFFFFF) else info.max_block
+        self._zero_step = max(mb, _down(min(zero, UNLIMITED_ZERO_STEP), mb))
+        self._zero_write_step = max(mb, _down(min(len(_ZERO), self._max_io), mb))
+
+    @classmethod
+    def connect(cls, addr: NBDAddress | str, tls: TLSConfig | None = None,
+                timeout: float = 30.0, io_timeout: float | None = 60.0) -> "NBDImage":
+        """Connect and handshake. ``timeout`` bounds the connect and the handshake;
+        ``io_timeout`` (None: none) bounds the wait for each reply: past it the connection
+        is declared lost. ``tls`` is used for nbds:// addresses (None there: the system's
+        CA store, no client certificate). Raises NBDError (an OSError) with a message."""
+        if isinstance(addr, str):
+            parsed = parse_nbd_uri(addr)
+            if parsed is None:
+                raise ValueError(f"{addr!r} is not an NBD URI")
+            addr = parsed
+        conn, info = _open(addr, tls, timeout, io_timeout)
+        return cls(addr, tls, timeout, io_timeout, conn, info)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self.connected else "lost"
+        return f"<NBDImage {self.path} size={self.size} {state}>"
+
+    def __enter__(self) -> "NBDImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def connected(self) -> bool:
+        return not self._closed and self._conn.alive
+
+    def reconnect(self, force: bool = False) -> bool:
+        """Open a new connection if the current one is lost (or always, with ``force``);
+        False if it was alive and nothing was done. Safe to call from several threads that
+        all saw the same failure: one reconnects, the others find it alive. Raises NBDError
+        if the server cannot be reached or the export's size changed."""
+        with self._reconnect_lock:
+            old = self._conn
+            if old.alive and not force and not self._closed:
+                return False
+            conn, info = _open(self.addr, self._tls, self._timeout, self._io_timeout)
+            if info.size != self.size:
+                conn.close(graceful=True)
+                raise NBDError(errno.EIO, f"{self.path}: the export now has {info.size} "
+                               f"bytes, it had {self.size}: refusing to reconnect")
+            self._set_export(info)
+            self._zero_ok = True
+            self._conn = conn
+            self._closed = False
+        old.close(graceful=old.alive)
+        return True
+
+    def close(self) -> None:
+        """NBD_CMD_DISC (after the pending requests), then close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close(graceful=True)
+
+    def _live(self) -> _Conn:
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.path}: the NBD connection is closed")
+        return self._conn
+
+    # ------------------------------------------------------------------ requests
+    def _run(self, cmd: int, offset: int, length: int, step: int, flags: int = 0,
+             data: memoryview | None = None, buf: memoryview | None = None,
+             zeros: bool = False) -> None:
+        """[offset, offset + length) in pieces of ``step``, pipelined; waits for every
+        piece it sent, then raises the first error."""
+        conn = self._live()
+        inflight: deque[_Req] = deque()
+        first: OSError | None = None
+        pos = 0
+        while pos < length and first is None:
+            if len(inflight) >= _WINDOW:
+                first = conn.wait(inflight.popleft())
+                if first is not None:
+                    break
+            n = min(step, length - pos)
+            payload: Buffer | None = None
+            if data is not None:
+                payload = data[pos:pos + n]
+            elif zeros:
+                payload = memoryview(_ZERO)[:n]
+            try:
+                inflight.append(conn.submit(cmd, offset + pos, n, flags, payload,
+                                            None if buf is None else buf[pos:pos + n]))
+            except OSError as e:
+                first = e
+            pos += n
+        while inflight:  # always: a read's reply must not land after we return
+            err = conn.wait(inflight.popleft())
+            first = first or err
+        if first is not None:
+            raise first
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, f"{self.path}: negative offset or length")
+
+    # ------------------------------------------------------------------ data
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; bytes past the end of the export read as zeros.
+        Returns the bytes read from the export."""
+        n = len(buf)
+        self._check(offset, n)
+        avail = max(0, min(n, self.size - offset))
+        if avail < n:
+            buf[avail:] = bytes(n - avail)
+        if avail:
+            self._read(buf[:avail], offset)
+        return avail
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self._check(offset, length)
+        n = max(0, min(length, self.size - offset))
+        out = bytearray(n)
+        if n:
+            self._read(memoryview(out), offset)
+        return bytes(out)
+
+    def _read(self, buf: memoryview, offset: int) -> None:
+        mb, n = self.min_block, len(buf)
+        if mb == 1 or (offset % mb == 0 and n % mb == 0):
+            self._run(CMD_READ, offset, n, self._max_io, buf=buf)
+            return
+        lo, hi = _down(offset, mb), min(_up(offset + n, mb), self.size)
+        a, b = min(_up(offset, mb), offset + n), max(_down(offset + n, mb), offset)
+        if a >= b:  # within at most two minimum blocks
+            tmp = bytearray(hi - lo)
+            self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
+            buf[:] = tmp[offset - lo:offset - lo + n]
+            return
+        if offset < a:
+            tmp = bytearray(mb)
+            self._run(CMD_READ, a - mb, mb, mb, buf=memoryview(tmp))
+            buf[:a - offset] = tmp[mb - (a - offset):]
+        self._run(CMD_READ, a, b - a, self._max_io, buf=buf[a - offset:b - offset])
+        if b < offset + n:
+            tmp = bytearray(hi - b)
+            self._run(CMD_READ, b, hi - b, self._max_io, buf=memoryview(tmp))
+            buf[b - offset:] = tmp[:offset + n - b]
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> int:
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        self._check(offset, n)
+        if offset + n > self.size:
+            raise OSError(errno.ENOSPC, f"{self.path}: write of {n} bytes at {offset} "
+                          f"beyond the end of the export ({self.size} bytes)")
+        if n:
+            self._write(mv, offset)
+        return n
+
+    def _write(self, mv: memoryview | None, offset: int, length: int | None = None) -> None:
+        """Write ``mv`` (or zeros when ``mv`` is None) at ``offset``, honouring the server's
+        minimum block size with read-modify-write of partial blocks."""
+        n = len(mv) if mv is not None else (length or 0)
+        mb = self.min_block
+        a, b = _up(offset, mb), _down(offset + n, mb)
+        if mb == 1 or (a == offset and b == offset + n):
+            self._write_aligned(mv, offset, n)
+            return
+        if a >= b:  # no whole block inside: patch the one or two blocks around it
+            self._rmw(_down(offset, mb), min(_up(offset + n, mb), self.size), mv, offset, n)
+            return
+        if offset < a:
+            self._rmw(a - mb, a, None if mv is None else mv[:a - offset], offset, a - offset)
+        self._write_aligned(None if mv is None else mv[a - offset:b - offset], a, b - a)
+        if b < offset + n:
+            self._rmw(b, min(b + mb, self.size), None if mv is None else mv[b - offset:],
+                      b, offset + n - b)
+
+    def _rmw(self, lo: int, hi: int, mv: memoryview | None, offset: int, n: int) -> None:
+        with self._rmw_lock:  # two partial writes to one block must not lose each other
+            tmp = bytearray(hi - lo)
+            self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
+            tmp[offset - lo:offset - lo + n] = bytes(n) if mv is None else mv
+            self._run(CMD_WRITE, lo, hi - lo, self._max_io, data=memoryview(tmp))
+
+    def _write_aligned(self, mv: memoryview | None, offset: int, n: int) -> None:
+        if mv is not None:
+            self._run(CMD_WRITE, offset, n, self._max_io, data=mv)
+            return
+        if self.can_zero and self._zero_ok:
+            try:
+                # NBD_CMD_FLAG_NO_HOLE unset: the server may punch a hole, and must make
+                # the range read as zeros.
+                self._run(CMD_WRITE_ZEROES, offset, n, self._zero_step)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EINVAL):
+                    raise
+                self._zero_ok = False  # write zero data from now on
+        self._run(CMD_WRITE, offset, n, self._zero_write_step, zeros=True)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros: NBD_CMD_WRITE_ZEROES where the
+        server offers it (it may punch holes), else zero data in 1 MiB requests."""
+        self._check(offset, 0)
+        length = min(length, self.size - offset)
+        if length > 0:
+            self._write(None, offset, length)
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """A guest's fallocate(2): punch-hole and zero-range zero the range; a plain
+        allocation changes no content and is a no-op (NBD cannot reserve space)."""
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, f"{self.path}: fallocate mode 0x{mode:x} is not "
+                          "supported on an NBD export")
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, f"{self.path}: bad fallocate range")
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            self.write_zeroes(offset, length)
+
+    def next_data(self, offset: int) -> int:
+        """No hole information over NBD here: everything is data."""
+        return min(offset, self.size)
+
+    def next_hole(self, offset: int) -> int:
+        return self.size
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        return [(0, self.size)] if self.size else []
+
+    def flush(self) -> None:
+        """NBD_CMD_FLUSH: every write answered before it is on stable storage. A no-op on a
+        server without NBD_FLAG_SEND_FLUSH (it has no volatile cache to flush)."""
+        if self.can_flush:
+            conn = self._live()
+            e = conn.wait(conn.submit(CMD_FLUSH, 0, 0))
+            if e is not None:
+                raise e

@@ -1,0 +1,614 @@
+"""mirrorfs.nbd against real NBD servers (qemu-nbd, nbdkit) on loopback TCP and Unix sockets,
+with and without TLS. Every server is a subprocess killed in a ``finally``."""
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from mirrorfs.nbd import NBDError, NBDImage, TLSConfig, parse_nbd_uri
+
+MiB = 1 << 20
+TOOLS = {"qemu-nbd": "qemu-utils", "nbdkit": "nbdkit", "certtool": "gnutls-bin",
+         "nbdcopy": "libnbd-bin"}
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def nbd_tools() -> None:
+    """Install the servers if they are missing (the suite's setup runs as root)."""
+    if all(shutil.which(b) for b in TOOLS):
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *sorted(set(TOOLS.values()))]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
+        subprocess.run(cmd, env=env, capture_output=True, check=True)
+    missing = [b for b in TOOLS if not shutil.which(b)]
+    assert not missing, f"could not install {missing}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tcp_listening(port: int) -> bool:
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == want and line.split()[3] == "0A"
+                   for line in list(f)[1:])
+
+
+def _unix_listening(path: Path) -> bool:
+    # /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path; flag 0x10000: listening
+    with open("/proc/net/unix") as f:
+        for line in list(f)[1:]:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == str(path) and int(parts[3], 16) & 0x10000:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def serve(argv: list[str], ready: Callable[[], bool], log: Path
+          ) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def qemu_nbd(image: Path, tmp: Path, *, port: int | None = None, sock: Path | None = None,
+             export: str = "exp", extra: tuple[str, ...] = (), persistent: bool = True
+             ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    argv = ["qemu-nbd", "-f", "raw", "-x", export, "-e", "8", "--discard=unmap", *extra]
+    if persistent:
+        argv.append("-t")
+    if sock is not None:
+        argv += ["-k", str(sock)]
+        ready: Callable[[], bool] = lambda: _unix_listening(sock)  # noqa: E731
+    else:
+        assert port is not None
+        argv += ["--bind", "127.0.0.1", "--port", str(port)]
+        ready = lambda: _tcp_listening(port)  # noqa: E731
+    return serve([*argv, str(image)], ready, tmp / "qemu-nbd.log")
+
+
+def nbdkit(image: Path, sock: Path, tmp: Path, *args: str, plugin_args: tuple[str, ...] = ()
+           ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), *args, "file", str(image),
+            *plugin_args]
+    return serve(argv, lambda: _unix_listening(sock), tmp / "nbdkit.log")
+
+
+def make_image(path: Path, size: int, data: bool = True) -> bytearray:
+    content = bytearray(random.randbytes(size) if data else bytes(size))
+    path.write_bytes(content)
+    return content
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory, nbd_tools: None) -> Path:
+    """A CA, a server certificate (localhost, 127.0.0.1) and a client certificate, named as
+    qemu's tls-creds-x509 and nbdkit --tls-certificates want them; plus an unrelated CA."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def certtool(*args: str) -> None:
+        subprocess.run(["certtool", *args], cwd=d, check=True, capture_output=True)
+
+    def key(name: str) -> None:
+        certtool("--generate-privkey", "--key-type=ecdsa", "--no-text", "--outfile", name)
+
+    (d / "ca.info").write_text("cn = mirrorfs test CA\nca\ncert_signing_key\n"
+                               "expiration_days = 2\n")
+    (d / "server.info").write_text("organization = mirrorfs\ncn = localhost\n"
+                                   "dns_name = localhost\nip_address = 127.0.0.1\n"
+                                   "tls_www_server\nencryption_key\nsigning_key\n"
+                                   "expiration_days = 2\n")
+    (d / "client.info").write_text("organization = mirrorfs\ncn = client\ntls_www_client\n"
+                                   "encryption_key\nsigning_key\nexpiration_days = 2\n")
+    for ca in ("ca", "other-ca"):
+        key(f"{ca}-key.pem")
+        certtool("--generate-self-signed", "--no-text", "--load-privkey", f"{ca}-key.pem",
+                 "--template", "ca.info", "--outfile", f"{ca}-cert.pem")
+    for who in ("server", "client"):
+        key(f"{who}-key.pem")
+        certtool("--generate-certificate", "--no-text", "--load-privkey", f"{who}-key.pem",
+                 "--load-ca-certificate", "ca-cert.pem", "--load-ca-privkey", "ca-key.pem",
+                 "--template", f"{who}.info", "--outfile", f"{who}-cert.pem")
+    return d
+
+
+def qemu_tls_args(pki: Path) -> tuple[str, ...]:
+    return ("--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+            "--tls-creds", "tls0")
+
+
+# ------------------------------------------------------------------------------ URIs
+@pytest.mark.parametrize("uri, expect", [
+    ("nbd://example.com/disk", dict(host="example.com", port=10809, export="disk", tls=False)),
+    ("nbd://example.com", dict(host="example.com", export="")),
+    ("nbd://example.com/", dict(export="")),
+    ("nbd://example.com:1234//disk", dict(port=1234, export="/disk")),
+    ("nbd://[::1]:99/hello%20world", dict(host="::1", port=99, export="hello world")),
+    ("nbd+tcp://h/x", dict(host="h", export="x")),
+    ("nbd+unix:///disk?socket=/tmp/s.sock", dict(socket_path="/tmp/s.sock", export="disk",
+                                                 host=None, tls=False)),
+    ("nbd+unix:///?socket=rel.sock", dict(socket_path="rel.sock", export="")),
+    ("nbds://h:5/e", dict(tls=True, host="h", port=5, export="e", tls_verify=True)),
+    ("nbds+unix:///e?socket=/s&tls-hostname=srv", dict(tls=True, socket_path="/s",
+                                                       tls_hostname="srv")),
+    ("nbds://h/e?tls-verify-peer=0&tls-type=x509", dict(tls_verify=False)),
+    ("NBD://Host/E", dict(host="host", export="E")),
+])
+def test_parse_nbd_uri(uri: str, expect: dict[str, object]) -> None:
+    addr = parse_nbd_uri(uri)
+    assert addr is not None and addr.uri == uri and str(addr) == uri
+    for k, v in expect.items():
+        assert getattr(addr, k) == v, k
+
+
+@pytest.mark.parametrize("text", ["/tmp/disk.img", "disk.img", "./nbd:x", "nbdisk.img",
+                                  "http://h/x", "file:///x", ""])
+def test_parse_not_nbd(text: str) -> None:
+    assert parse_nbd_uri(text) is None
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("nbd:/x", "//"), ("nbd:x", "./nbd:x"), ("nbd+vsock://1/x", "scheme"),
+    ("nbd+unix:///x", "socket"), ("nbd+unix://host/x?socket=s", "no host"),
+    ("nbd://h/x?socket=s", "socket"), ("nbd://:10809/x", "no host"),
+    ("nbd://h:99999/x", "port"), ("nbd://h:abc/x", "port"), ("nbd://h/x?foo=1", "foo"),
+    ("nbd://h/x?tls-hostname=a", "TLS"), ("nbds://h/x?tls-type=psk", "psk"),
+    ("nbds://h/x?tls-verify-peer=2", "0 or 1"), ("nbd://u@h/x", "user"),
+    ("nbd://h/x#frag", "fragment"), ("nbd://h/a%00b", "NUL"),
+    ("nbd://h/x?socket=a&socket=b", "twice"),
+])
+def test_parse_malformed(uri: str, words: str) -> None:
+    with pytest.raises(ValueError, match="invalid NBD URI") as info:
+        parse_nbd_uri(uri)
+    assert words in str(info.value)
+
+
+def test_tls_config_rejects_key_without_cert() -> None:
+    with pytest.raises(ValueError):
+        TLSConfig(ca=None, cert=None, key="k.pem")
+
+
+# ------------------------------------------------------------------------------ basics
+def test_qemu_nbd_tcp(tmp_path: Path, nbd_tools: None) -> None:
+    img_path = tmp_path / "t.img"
+    model = make_image(img_path, 8 * MiB)
+    port = _free_port()
+    with qemu_nbd(img_path, tmp_path, port=port):
+        img = NBDImage.connect(f"nbd://127.0.0.1:{port}/exp")
+        try:
+            assert img.size == 8 * MiB and img.path == f"nbd://127.0.0.1:{port}/exp"
+            assert img.is_block is False and img.fd == -1
+            assert img.can_flush and img.can_zero and not img.read_only
+            assert img.max_block == 32 * MiB and img.tls_version is None
+            assert img.pread(100, 5) == model[5:105]
+            data = random.randbytes(3 * MiB + 17)
+            assert img.pwrite(data, 1234) == len(data)
+            model[1234:1234 + len(data)] = data
+            buf = bytearray(2 * MiB)
+            assert img.pread_into(memoryview(buf), 1000) == 2 * MiB
+            assert buf == model[1000:1000 + 2 * MiB]
+            # past the end: short pread, zero-filled pread_into, refused pwrite
+            assert img.pread(MiB, 8 * MiB - 10) == model[-10:]
+            assert img.pread(10, 8 * MiB) == b""
+            buf = bytearray(b"x" * 30)
+            assert img.pread_into(memoryview(buf), 8 * MiB - 10) == 10
+            assert buf == model[-10:] + bytes(20)
+            with pytest.raises(OSError) as e:
+                img.pwrite(b"abc", 8 * MiB - 2)
+            assert e.value.errno == errno.ENOSPC
+            assert img.next_data(4096) == 4096 and img.data_extents() == [(0, 8 * MiB)]
+            img.flush()
+        finally:
+            img.close()
+        assert img_path.read_bytes() == model
+        with pytest.raises(OSError) as e:
+            img.pread(1, 0)
+        assert e.value.errno == errno.EBADF
+
+
+def test_nbdkit_unix_odd_size(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    size = 3 * MiB + 123
+    model = make_image(img_path, size)
+    with (
+        nbdkit(img_path, sock, tmp_path),
+        NBDImage.connect(f"nbd+unix:///?socket={sock}") as img,
+    ):
+        assert img.size == size and img.can_flush and img.max_block is None
+        tail = random.randbytes(1000)
+        img.pwrite(tail, size - 1000)
+        model[-1000:] = tail
+        assert img.pread(5000, size - 4000) == model[-4000:]
+        img.flush()
+    assert img_path.read_bytes() == model
+
+
+def test_concurrent_threads(tmp_path: Path, nbd_tools: None) -> None:
+    """8 threads of random preads and pwrites (each thread in its own interleaved slots),
+    on one connection; then the backing file must equal the model byte for byte."""
+    img_path, sock = tmp_path / "t.img", tmp_path / "q.sock"
+    slot, nthreads = 256 << 10, 8
+    model = make_image(img_path, 64 * slot)
+    errors: list[BaseException] = []
+    with qemu_nbd(img_path, tmp_path, sock=sock):
+        img = NBDImage.connect(f"nbd+unix:///exp?socket={sock}")
+
+        def worker(t: int) -> None:
+            rnd = random.Random(t)
+            try:
+                for _ in range(60):
+                    s = rnd.randrange(t, 64, nthreads) * slot
+                    off = s + rnd.randrange(slot)
+                    n = rnd.randrange(1, s + slot - off + 1)
+                    op = rnd.random()
+                    if op < 0.45:
+                        data = rnd.randbytes(n)
+                        img.pwrite(data, off)
+                        model[off:off + n] = data
+                    elif op < 0.55:
+                        img.write_zeroes(off, n)
+                        model[off:off + n] = bytes(n)
+                    else:
+                        assert img.pread(n, off) == model[off:off + n]
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        img.flush()
+        img.close()
+    assert not errors, errors
+    assert img_path.read_bytes() == model
+
+
+def test_write_zeroes_and_fallocate(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "q.sock"
+    model = make_image(img_path, 16 * MiB)
+    blocks_before = img_path.stat().st_blocks
+    with (
+        qemu_nbd(img_path, tmp_path, sock=sock),
+        NBDImage.connect(f"nbd+unix:///exp?socket={sock}") as img,
+    ):
+        img.write_zeroes(MiB, 4 * MiB)
+        model[MiB:5 * MiB] = bytes(4 * MiB)
+        assert img.pread(4 * MiB, MiB) == bytes(4 * MiB)
+        img.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 6 * MiB + 100, 5000)
+        model[6 * MiB + 100:6 * MiB + 5100] = bytes(5000)
+        img.fallocate(FALLOC_FL_ZERO_RANGE, 7 * MiB, 70000)
+        model[7 * MiB:7 * MiB + 70000] = bytes(70000)
+        img.fallocate(0, 8 * MiB, MiB)  # plain allocation: content unchanged
+        img.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 16 * MiB - 10, MiB)
+        model[-10:] = bytes(10)  # clamped at the end of the export
+        with pytest.raises(OSError) as e:
+            img.fallocate(0x08, 0, 4096)  # FALLOC_FL_COLLAPSE_RANGE
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert img.pread(16 * MiB, 0) == model
+        img.flush()
+    assert img_path.read_bytes() == model
+    # NBD_CMD_FLAG_NO_HOLE is not set, so qemu-nbd --discard=unmap punched holes
+    assert img_path.stat().st_blocks <= blocks_before - (3 * MiB) // 512
+
+
+def test_requests_larger_than_max_block(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "q.sock"
+    model = make_image(img_path, 80 * MiB, data=False)
+    with (
+        qemu_nbd(img_path, tmp_path, sock=sock),
+        NBDImage.connect(f"nbd+unix:///exp?socket={sock}") as img,
+    ):
+        assert img.max_block == 32 * MiB
+        data = random.randbytes(70 * MiB + 3)
+        img.pwrite(data, 5 * MiB + 7)
+        model[5 * MiB + 7:75 * MiB + 10] = data
+        assert img.pread(80 * MiB, 0) == model
+        img.write_zeroes(2 * MiB, 70 * MiB)
+        model[2 * MiB:72 * MiB] = bytes(70 * MiB)
+        assert img.pread(80 * MiB, 0) == model
+        img.flush()
+    assert img_path.read_bytes() == model
+
+
+def test_block_size_constraints_and_no_write_zeroes(tmp_path: Path, nbd_tools: None) -> None:
+    """A server that enforces a 4 KiB minimum and 64 KiB maximum (EINVAL otherwise) and
+    offers no NBD_CMD_WRITE_ZEROES: unaligned I/O goes through read-modify-write, large I/O
+    is split, zeroing writes zero data; concurrent partial writes to shared blocks keep
+    every byte."""
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    model = make_image(img_path, 4 * MiB)
+    with (
+        nbdkit(img_path, sock, tmp_path, "--filter=blocksize-policy", "--filter=nozero",
+               plugin_args=("blocksize-minimum=4096", "blocksize-maximum=65536",
+                            "blocksize-error-policy=error", "zeromode=none")),
+        NBDImage.connect(f"nbd+unix:///?socket={sock}") as img,
+    ):
+        assert (img.min_block, img.max_block, img.can_zero) == (4096, 65536, False)
+        for off, n in ((1000, 100), (4000, 200), (10000, 300000), (65536, MiB)):
+            data = random.randbytes(n)
+            img.pwrite(data, off)
+            model[off:off + n] = data
+            assert img.pread(n + 10, off - 5) == model[off - 5:off + n + 5]
+        img.write_zeroes(3 * MiB + 77, 200000)
+        model[3 * MiB + 77:3 * MiB + 200077] = bytes(200000)
+        errors: list[BaseException] = []
+
+        def worker(t: int) -> None:  # 8 threads, 512-byte pieces of the same blocks
+            try:
+                for i in range(16):
+                    off = 2 * MiB + i * 4096 + t * 512 + 3
+                    data = bytes([t + 1]) * 500
+                    img.pwrite(data, off)
+                    model[off:off + 500] = data
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert img.pread(4 * MiB, 0) == model
+    assert img_path.read_bytes() == model
+
+
+def test_server_errors_map_to_errno(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    model = make_image(img_path, MiB)
+    with (
+        nbdkit(img_path, sock, tmp_path, "--filter=error",
+               plugin_args=("error=EIO", "error-pwrite-rate=100%")),
+        NBDImage.connect(f"nbd+unix:///?socket={sock}") as img,
+    ):
+        with pytest.raises(OSError) as e:
+            img.pwrite(b"x" * 4096, 0)
+        assert e.value.errno == errno.EIO and "NBD write" in str(e.value)
+        assert img.connected and img.pread(4096, 0) == model[:4096]  # still usable
+    os.unlink(sock)
+    with (
+        nbdkit(img_path, sock, tmp_path, "-r"),
+        NBDImage.connect(f"nbd+unix:///?socket={sock}") as img,
+    ):
+        assert img.read_only
+        with pytest.raises(OSError) as e:
+            img.pwrite(b"x", 0)
+        assert e.value.errno == errno.EPERM
+    os.unlink(sock)
+    # ESHUTDOWN: the client disconnects; the connection must be re-opened
+    with nbdkit(img_path, sock, tmp_path, "--filter=error",
+                plugin_args=("error=ESHUTDOWN", "error-pwrite-rate=100%")):
+        img = NBDImage.connect(f"nbd+unix:///?socket={sock}")
+        try:
+            with pytest.raises(OSError) as e:
+                img.pwrite(b"x", 0)
+            assert e.value.errno == errno.ESHUTDOWN
+            assert not img.connected
+            with pytest.raises(OSError) as e:
+                img.pread(1, 0)
+            assert e.value.errno == errno.ECONNRESET
+            assert img.reconnect() and img.pread(10, 0) == model[:10]
+        finally:
+            img.close()
+
+
+def test_unknown_export_and_no_server(tmp_path: Path, nbd_tools: None) -> None:
+    img_path = tmp_path / "t.img"
+    make_image(img_path, MiB, data=False)
+    port = _free_port()
+    with qemu_nbd(img_path, tmp_path, port=port):
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(f"nbd://127.0.0.1:{port}/nope")
+        assert e.value.errno == errno.ENOENT
+        assert "no export named 'nope'" in str(e.value)
+    with pytest.raises(NBDError) as e:
+        NBDImage.connect(f"nbd://127.0.0.1:{port}/exp")
+    assert e.value.errno == errno.ECONNREFUSED and "cannot connect" in str(e.value)
+    with pytest.raises(NBDError) as e:
+        NBDImage.connect(f"nbd+unix:///exp?socket={tmp_path}/missing.sock")
+    assert e.value.errno == errno.ENOENT and "missing.sock" in str(e.value)
+
+
+def test_close_sends_disconnect(tmp_path: Path, nbd_tools: None) -> None:
+    """A non-persistent qemu-nbd exits (status 0) when its only client sends NBD_CMD_DISC."""
+    img_path, sock = tmp_path / "t.img", tmp_path / "q.sock"
+    make_image(img_path, MiB, data=False)
+    with qemu_nbd(img_path, tmp_path, sock=sock, persistent=False) as proc:
+        img = NBDImage.connect(f"nbd+unix:///exp?socket={sock}")
+        img.pwrite(b"hello", 0)
+        img.close()
+        img.close()  # idempotent
+        assert proc.wait(10) == 0
+    assert img_path.read_bytes()[:5] == b"hello"
+
+
+# ------------------------------------------------------------------------------ TLS
+def test_tls_qemu_nbd_tcp(tmp_path: Path, pki: Path) -> None:
+    img_path = tmp_path / "t.img"
+    model = make_image(img_path, 8 * MiB)
+    port = _free_port()
+    uri = f"nbds://127.0.0.1:{port}/exp"
+    creds = TLSConfig(ca=str(pki / "ca-cert.pem"), cert=str(pki / "client-cert.pem"),
+                      key=str(pki / "client-key.pem"))
+    with qemu_nbd(img_path, tmp_path, port=port, extra=qemu_tls_args(pki)) as server:
+        with NBDImage.connect(uri, creds) as img:
+            assert img.tls_version in ("TLSv1.2", "TLSv1.3") and img.size == 8 * MiB
+            errors: list[BaseException] = []
+
+            def worker(t: int) -> None:  # TLS from several threads at once
+                try:
+                    for i in range(8):
+                        off = (t * 8 + i) * (256 << 10) + 11
+                        data = random.randbytes(200000)
+                        img.pwrite(data, off)
+                        model[off:off + len(data)] = data
+                        assert img.pread(len(data), off) == data
+                except BaseException as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            assert not errors, errors
+            big = random.randbytes(5 * MiB)
+            img.pwrite(big, MiB)
+            model[MiB:6 * MiB] = big
+            assert img.pread(8 * MiB, 0) == model
+            img.flush()
+        assert img_path.read_bytes() == model
+        # the same server without TLS, with the wrong CA, without a client certificate
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(f"nbd://127.0.0.1:{port}/exp")
+        assert e.value.errno == errno.EACCES and "requires TLS" in str(e.value)
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(uri, TLSConfig(ca=str(pki / "other-ca-cert.pem"),
+                                            cert=creds.cert, key=creds.key))
+        assert "certificate is not trusted" in str(e.value)
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(uri, TLSConfig(ca=creds.ca))
+        assert "handshake" in str(e.value)
+        assert server.poll() is None
+    with pytest.raises(NBDError) as e:
+        NBDImage.connect(uri, TLSConfig(ca=str(tmp_path / "missing.pem")))
+    assert "CA certificate" in str(e.value)
+
+
+def test_tls_nbdkit_unix(tmp_path: Path, pki: Path) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    model = make_image(img_path, 2 * MiB)
+    creds = TLSConfig(ca=str(pki / "ca-cert.pem"))
+    with nbdkit(img_path, sock, tmp_path, "--tls=require", f"--tls-certificates={pki}"):
+        # no host name over a Unix socket: the chain is verified, the name is not
+        with NBDImage.connect(f"nbds+unix:///?socket={sock}", creds) as img:
+            assert img.tls_version is not None
+            img.pwrite(b"secret" * 1000, 4096)
+            model[4096:10096] = b"secret" * 1000
+            assert img.pread(2 * MiB, 0) == model
+        with NBDImage.connect(f"nbds+unix:///?socket={sock}&tls-hostname=localhost",
+                              creds) as img:
+            assert img.pread(10, 4096) == b"secretsecr"
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(f"nbds+unix:///?socket={sock}&tls-hostname=wrong.example", creds)
+        assert "not trusted" in str(e.value) and "wrong.example" in str(e.value)
+        with pytest.raises(NBDError) as e:
+            NBDImage.connect(f"nbd+unix:///?socket={sock}")
+        assert "requires TLS" in str(e.value)
+    assert img_path.read_bytes() == model
+
+
+def test_tls_refused_by_plain_servers(tmp_path: Path, pki: Path) -> None:
+    """nbds:// to a server without TLS fails: never a silent fallback to clear text."""
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    make_image(img_path, MiB, data=False)
+    creds = TLSConfig(ca=str(pki / "ca-cert.pem"))
+    port = _free_port()
+    with qemu_nbd(img_path, tmp_path, port=port), nbdkit(img_path, sock, tmp_path):
+        for uri in (f"nbds://127.0.0.1:{port}/exp", f"nbds+unix:///?socket={sock}"):
+            with pytest.raises(NBDError) as e:
+                NBDImage.connect(uri, creds)
+            assert e.value.errno == errno.ENOTSUP
+            assert "does not offer TLS" in str(e.value) and "without encryption" in str(e.value)
+
+
+# ------------------------------------------------------------------------------ failures
+def test_server_killed_then_reconnect(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "q.sock"
+    make_image(img_path, 16 * MiB, data=False)
+    uri = f"nbd+unix:///exp?socket={sock}"
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    with qemu_nbd(img_path, tmp_path, sock=sock) as proc:
+        img = NBDImage.connect(uri)
+
+        def writer(t: int) -> None:
+            data = bytes([t + 1]) * (256 << 10)
+            try:
+                while not stop.is_set():
+                    img.pwrite(data, t * 4 * MiB)
+                    img.pread(256 << 10, t * 4 * MiB)
+            except BaseException as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        for th in threads:
+            th.join(10)
+        stop.set()
+        assert not any(th.is_alive() for th in threads)
+        assert len(failures) == 4
+        assert all(isinstance(e, OSError) and e.errno == errno.ECONNRESET for e in failures)
+    try:
+        assert not img.connected
+        with pytest.raises(OSError) as e:
+            img.pread(1, 0)
+        assert e.value.errno == errno.ECONNRESET and "lost" in str(e.value)
+        with pytest.raises(NBDError):  # the server is still down
+            img.reconnect()
+        assert not img.connected
+        os.unlink(sock)
+        with qemu_nbd(img_path, tmp_path, sock=sock):
+            assert img.reconnect() is True
+            assert img.reconnect() is False  # alive: nothing to do
+            data = random.randbytes(3 * MiB)
+            img.pwrite(data, 5 * MiB)
+            assert img.pread(3 * MiB, 5 * MiB) == data
+            img.flush()
+            img.close()
+        assert img_path.read_bytes()[5 * MiB:8 * MiB] == data
+    finally:
+        img.close()
+
+
+def test_io_timeout(tmp_path: Path, nbd_tools: None) -> None:
+    img_path, sock = tmp_path / "t.img", tmp_path / "k.sock"
+    make_image(img_path, MiB)
+    with nbdkit(img_path, sock, tmp_path, "--filter=delay", plugin_args=("delay-read=3",)):
+        img = NBDImage.connect(f"nbd+unix:///?socket={sock}", io_timeout=0.3)
+        try:
+            img.pwrite(b"ok", 0)  # writes are not delayed
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                img.pread(10, 0)
+            assert time.monotonic() - t0 < 2
+            assert e.value.errno == errno.ECONNRESET and "no reply" in str(e.value)
+            assert not img.connected
+            assert img.reconnect()
+            img.pwrite(b"ok again", 0)
+        finally:
+            img.close()
+    assert img_path.read_bytes()[:8] == b"ok again"
