@@ -50,7 +50,7 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mirrorfs.mirror import CopyMode, ErrorPolicy, SyncMode  # no FUSE needed
+    from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 
     ap = argparse.ArgumentParser(prog="mirrorfs", description=(
         "Mirror a live raw disk image to a new target through a FUSE mount."))
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log", dest="log_file", metavar="FILE", help="log to FILE")
     m.add_argument("--state", metavar="FILE",
                    help="the job's state file (default: TARGET.mirrorfs)")
+    m.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="S",
+                   help="save the copy's progress in the state file every S seconds "
+                        "(default 10; also at ready and when the activity log fills)")
     m.add_argument("--fresh", action="store_true",
                    help="ignore a saved state and start a new mirror")
     m.add_argument("--tls-ca", metavar="FILE", help="nbds:// targets: the CA certificate")
@@ -319,10 +322,12 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
-    from mirrorfs import mount  # imports pyfuse3: only for this verb
-
     if not a.foreground:
-        return mount.spawn_daemon(argv)
+        from mirrorfs.launch import spawn_daemon
+
+        return spawn_daemon(argv)
+    from mirrorfs import mount  # imports pyfuse3: only in the daemon
+
     opts = mount.MountOptions(
         source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,
         granularity=a.granularity, speed=a.speed, buf_size=a.buf_size,
@@ -330,7 +335,7 @@ def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
         on_target_error=a.on_target_error, name=a.name, foreground=True,
         allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
         notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
-        tls_cert=a.tls_cert, tls_key=a.tls_key)
+        tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval))
     return mount.run_daemon(opts)
 
 

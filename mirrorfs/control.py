@@ -11,7 +11,8 @@ import json
 from typing import Any
 
 from mirrorfs.job import Verb
-from mirrorfs.mirror import CopyMode, Mirror
+from mirrorfs.mirror import Mirror
+from mirrorfs.params import CopyMode
 from mirrorfs.sizes import parse_size
 
 MAX_COMMAND_BYTES = 256

@@ -19,7 +19,6 @@ syscall on a page-cache file costs microseconds; a thread round trip costs 100).
 """
 
 import dataclasses
-import enum
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from bitarray import bitarray
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
+from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
 from mirrorfs.state import ActivityLog
 
@@ -41,23 +41,6 @@ KiB, MiB = 1 << 10, 1 << 20
 
 RunSync = Callable[..., Awaitable[Any]]
 Apply = Callable[[Image, int, int], None]  # change bytes [lo, hi) of an image
-
-
-class SyncMode(enum.StrEnum):
-    FULL = "full"
-    TOP = "top"
-    NONE = "none"
-
-
-class CopyMode(enum.StrEnum):
-    BACKGROUND = "background"
-    WRITE_BLOCKING = "write-blocking"
-
-
-class ErrorPolicy(enum.StrEnum):
-    REPORT = "report"
-    IGNORE = "ignore"
-    STOP = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +58,7 @@ class MirrorConfig:
     ops_per_batch: int = 64
     drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
     max_backoff_s: float = 5.0
-    checkpoint_s: float = 2.0  # how often copy progress is saved in the state file
+    checkpoint_s: float = 10.0  # how often copy progress is saved in the state file
     max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 

@@ -12,13 +12,10 @@ import errno
 import logging
 import logging.handlers
 import os
-import select
 import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pyfuse3
@@ -29,8 +26,9 @@ from mirrorfs.fs import MirrorOperations
 from mirrorfs.images import FileImage, Image
 from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
-from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+from mirrorfs.mirror import Mirror, MirrorConfig
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
+from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.state import (
     DEFAULT_EXTENT,
     ActivityLog,
@@ -42,7 +40,6 @@ from mirrorfs.state import (
 
 log = logging.getLogger(__name__)
 
-DAEMON_START_TIMEOUT_S = 60
 
 
 class MountError(Exception):
@@ -72,6 +69,7 @@ class MountOptions:
     tls_ca: str | None = None  # nbds:// targets
     tls_cert: str | None = None
     tls_key: str | None = None
+    checkpoint_s: float = 10.0
 
 
 @dataclasses.dataclass
@@ -468,7 +466,7 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
                        sync=opts.sync, copy_mode=opts.copy_mode,
                        on_source_error=opts.on_source_error,
                        on_target_error=opts.on_target_error,
-                       target_fresh=prep.fresh)
+                       target_fresh=prep.fresh, checkpoint_s=opts.checkpoint_s)
     persist = None
     if prep.statefile is not None:
         sf = prep.statefile
@@ -479,12 +477,14 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
     if persist is not None:
         # the initial bitmap is on disk before the first guest write
         await mirror.checkpoint(phase="running", clean=False)
+        log.debug("initial state saved in %s", persist.sf.path)
     prep.state_created = False  # the job owns it now
     ops.mirror = mirror
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)
         nursery.start_soon(mirror.run)
         notify.send("OK")
+        log.debug("reported the mount ready")
         await pyfuse3.main()
         if not mirror.job.ended:
             log.info("unmounted while the job was %s: saving its state", mirror.job.state)
@@ -518,62 +518,3 @@ async def _signals(scope: trio.CancelScope) -> None:
         async for sig in sigs:
             log.info("signal %s: unmounting", signal.Signals(sig).name)
             pyfuse3.terminate()
-
-
-# ====================================================================== the launcher
-def spawn_daemon(argv: list[str]) -> int:
-    """Start ``mirrorfs mount ... --foreground`` as a daemon and wait for its word."""
-    rfd, wfd = os.pipe()
-    cmd = [sys.executable, "-m", "mirrorfs", *argv, "--foreground", "--notify-fd", str(wfd)]
-    with open(os.devnull, "r+b") as devnull:
-        proc = subprocess.Popen(cmd, stdin=devnull, stdout=devnull, stderr=devnull,
-                                pass_fds=(wfd,), start_new_session=True, close_fds=True)
-    os.close(wfd)
-    ok = False
-    error = None
-    with _reader(rfd) as lines:
-        for kind, msg in lines:
-            if kind == "NOTE":
-                print(f"mirrorfs: {msg}", file=sys.stderr)
-            elif kind == "OK":
-                ok = True
-                break
-            elif kind == "ERROR":
-                error = msg
-                break
-    if ok:
-        return 0
-    if error is None:
-        if proc.poll() is None:
-            proc.kill()
-            error = f"the daemon did not report within {DAEMON_START_TIMEOUT_S} s"
-        else:
-            error = f"the daemon exited with status {proc.wait()} before mounting"
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    print(f"mirrorfs: error: {error}", file=sys.stderr)
-    return 1
-
-
-@contextlib.contextmanager
-def _reader(fd: int) -> Iterator[Iterator[tuple[str, str]]]:
-    def lines() -> Iterator[tuple[str, str]]:
-        buf = b""
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                kind, _, msg = line.decode(errors="replace").partition(" ")
-                yield kind, msg
-
-    try:
-        yield lines()
-    finally:
-        os.close(fd)

@@ -100,7 +100,8 @@ def test_sigkill_never_loses_a_difference(tmp_path: Path, mirrorfs: MirrorFactor
     rnd = random.Random(seed)
     src = make_image(tmp_path / "disk.img", SIZE)
     model = bytearray(src.read_bytes())
-    m = mirrorfs.mount(src, None, "--speed", "16M", "--granularity", "16K")
+    m = mirrorfs.mount(src, None, "--speed", "16M", "--granularity", "16K",
+                       "--checkpoint-interval", "2")
     # a hot region, as a guest has: the activity log covers its extents, not the disk
     w = Writers(m.img, model, threads=3, seed=seed, max_size=512 << 10,
                 region=(20 * MiB, 32 * MiB)).start()

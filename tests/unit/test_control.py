@@ -2,7 +2,7 @@ import pytest
 
 from mirrorfs.control import Command, CommandError, parse_command, render_status
 from mirrorfs.job import Verb
-from mirrorfs.mirror import CopyMode
+from mirrorfs.params import CopyMode
 from mirrorfs.sizes import parse_size
 
 

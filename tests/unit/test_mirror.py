@@ -15,7 +15,8 @@ import trio.testing
 
 from mirrorfs.images import FileImage
 from mirrorfs.job import State, VerbRefused
-from mirrorfs.mirror import CopyMode, ErrorPolicy, Mirror, MirrorConfig, SyncMode
+from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 
 KiB, MiB = 1 << 10, 1 << 20
 
