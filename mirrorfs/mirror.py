@@ -59,6 +59,9 @@ class MirrorConfig:
     drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
     max_backoff_s: float = 5.0
     checkpoint_s: float = 10.0  # how often copy progress is saved in the state file
+    # While the guest does I/O, the copier keeps one op of max_op_bytes in flight and pauses
+    # this long between them (dm-clone backs off the same way): the guest keeps the CPU.
+    guest_backoff_s: float = 0.005
     max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 
@@ -133,6 +136,10 @@ class Mirror:
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
         self.active_bytes = 0  # ... of which written by active (write-blocking) writes
         self.guest_writes = 0
+        self.guest_ops = 0  # reads and writes: the copier backs off while this moves
+        self._ops_seen = 0
+        self._batch_done_at = 0.0
+        self._copier_idle = False  # the loop waits for work: guest writes must wake it
         self.persist = persist  # the state file's activity log (None: no state file)
         self._checkpoint_soon = False
         self._mark_initial(resume, resume_info or {})
@@ -171,6 +178,7 @@ class Mirror:
             State.COMPLETING, State.CANCELLING)
 
     def read(self, offset: int, length: int) -> bytes:
+        self.guest_ops += 1
         return self.serving.pread(length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -219,7 +227,9 @@ class Mirror:
         # with respect to the copier, checkpoints and the drain.
         apply(self.source, offset, offset + length)
         self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
-        self._wakeup.set()
+        self.guest_ops += 1
+        if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
+            self._wakeup.set()
 
     async def fsync(self) -> None:
         serving = self.serving
@@ -521,15 +531,26 @@ class Mirror:
             with trio.move_on_after(delay):
                 await self._wakeup.wait()
         else:
-            await self._wakeup.wait()
+            self._copier_idle = not self._busy
+            try:
+                await self._wakeup.wait()
+            finally:
+                self._copier_idle = False
 
     def _start_batches(self, nursery: trio.Nursery, unthrottled: bool) -> float:
         """Start worker batches while buffer space and tokens last. Returns how long to
-        wait for tokens (0: wait for a wakeup)."""
+        wait for tokens or for the guest back-off (0: wait for a wakeup)."""
         cfg = self.cfg
         max_batches = max(1, cfg.buf_size // cfg.batch_bytes)
+        batch_bytes = cfg.batch_bytes
+        if not unthrottled and self._guest_busy():
+            max_batches, batch_bytes = 1, cfg.max_op_bytes
+            if not self._batches:
+                wait = self._batch_done_at + cfg.guest_backoff_s - self._now()
+                if wait > 0:
+                    return wait
         while self._batches < max_batches and self._inflight_data < cfg.buf_size:
-            budget = min(cfg.batch_bytes, cfg.buf_size - self._inflight_data)
+            budget = min(batch_bytes, cfg.buf_size - self._inflight_data)
             if not unthrottled:
                 now = self._now()
                 allowance = self.bucket.allowance(now)
@@ -547,6 +568,12 @@ class Mirror:
             self._inflight_data += data
             nursery.start_soon(self._run_batch, ops, data)
         return 0.0
+
+    def _guest_busy(self) -> bool:
+        """Has the guest done I/O since the last look?"""
+        busy = self.guest_ops != self._ops_seen
+        self._ops_seen = self.guest_ops
+        return busy
 
     def _find_free_dirty(self) -> tuple[int, int] | None:
         """Next dirty run at or after the cursor (wrapping once) that no busy range
@@ -613,6 +640,7 @@ class Mirror:
             await self._run_sync(self._copy_batch_sync, ops, buf)
         finally:
             self._buffers.append(buf)
+            self._batch_done_at = self._now()
             self._batches -= 1
             self._inflight_data -= data
             self._settle(ops)
