@@ -3,6 +3,7 @@ users (``echo complete > MNT/.mirror/ctl``) and the CLI share one path."""
 
 import argparse
 import contextlib
+import enum
 import errno
 import json
 import os
@@ -39,6 +40,21 @@ def _size_arg(lo: int, hi: int, power_of_two: bool = False) -> Callable[[str], i
     return parse
 
 
+def _choice(enum_type: type[enum.StrEnum]) -> dict[str, Any]:
+    """add_argument keywords for an enum option: argparse converts before it checks
+    ``choices``, so ``type=SyncMode`` reports "invalid SyncMode value: 'bogus'"."""
+    names = [str(x) for x in enum_type]
+
+    def parse(text: str) -> Any:
+        try:
+            return enum_type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {text!r} (choose from {', '.join(names)})") from None
+
+    return {"type": parse, "metavar": "{" + ",".join(names) + "}"}
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -62,18 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file (created sparse if missing), block device, or NBD URI "
                         "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
-    m.add_argument("--sync", type=SyncMode, choices=list(SyncMode), default=SyncMode.FULL)
+    m.add_argument("--sync", **_choice(SyncMode), default=SyncMode.FULL)
     m.add_argument("--granularity", type=_size_arg(GRANULARITY_MIN, GRANULARITY_MAX, True),
                    default=64 << 10, metavar="SIZE", help="bytes per dirty bit (default 64K)")
     m.add_argument("--speed", type=_size_arg(0, 1 << 50), default=0, metavar="RATE",
                    help="copy rate limit in bytes/s, 0 = unlimited (default)")
     m.add_argument("--buf-size", type=_size_arg(GRANULARITY_MIN, 1 << 30), default=16 << 20,
                    metavar="SIZE", help="bytes in flight at once (default 16M)")
-    m.add_argument("--copy-mode", type=CopyMode, choices=list(CopyMode),
+    m.add_argument("--copy-mode", **_choice(CopyMode),
                    default=CopyMode.BACKGROUND)
-    m.add_argument("--on-source-error", type=ErrorPolicy, choices=list(ErrorPolicy),
+    m.add_argument("--on-source-error", **_choice(ErrorPolicy),
                    default=ErrorPolicy.REPORT)
-    m.add_argument("--on-target-error", type=ErrorPolicy, choices=list(ErrorPolicy),
+    m.add_argument("--on-target-error", **_choice(ErrorPolicy),
                    default=ErrorPolicy.REPORT)
     m.add_argument("--name", help="the image's file name in the mount (default: SOURCE's)")
     m.add_argument("--foreground", action="store_true", help="do not daemonize")

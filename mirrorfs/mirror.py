@@ -33,7 +33,7 @@ from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
-from mirrorfs.state import ActivityLog
+from mirrorfs.state import ActivityLog, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ class Mirror:
                 break
             # Crash safety: the extent must be in the activity log on disk before the
             # source changes. Then look at the gate again: it may have closed meanwhile.
-            await persist.log(a, b)
+            await self._log(a, b)
+            persist = self.persist
         self.guest_writes += 1
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain.
@@ -270,7 +271,7 @@ class Mirror:
         try:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
-                await self.persist.log(a, b)
+                await self._log(a, b)
             apply(self.source, offset, offset + length)
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
@@ -470,6 +471,22 @@ class Mirror:
             p[busy.a:busy.b] = 1
         return p
 
+    async def _log(self, a: int, b: int) -> None:
+        """Log chunks [a, b) in the activity log. If the state file cannot be written, the
+        guest's write must still succeed (a state file is not the disk): the job goes on
+        without one, and the stale file is removed so that no later mount trusts it."""
+        assert self.persist is not None
+        try:
+            await self.persist.log(a, b)
+        except OSError as e:
+            path = self.persist.sf.path
+            self.persist = None
+            remove_quietly(path)
+            msg = f"cannot write the state file {path} ({e.strerror}): the job goes on " \
+                  "without one, and a crash now means a full copy"
+            log.error("%s", msg)
+            self.job.emit("error", side="state", message=msg, action="dropped state file")
+
     async def checkpoint(self, **fields: Any) -> None:
         if self.persist is not None:
             await self.persist.checkpoint(self._snapshot, self._flush_images, **fields)
@@ -479,13 +496,16 @@ class Mirror:
         self.source.flush()
 
     async def _checkpointer(self) -> None:
-        assert self.persist is not None
+        if self.persist is None:
+            return
         # a huge bitmap (16 TiB: 32 MiB) is saved less often: at most ~8 MiB/s of metadata
         interval = max(self.cfg.checkpoint_s, self.bitmap.nchunks / 8 / (8 << 20))
         last = self._now()
         last_copied = self.copied_bytes
-        while True:
+        while self.persist is not None:
             await trio.sleep(0.5)
+            if self.persist is None:
+                return
             al_full = self.persist.al.count(1) >= self.cfg.max_logged_extents
             due = self._now() - last >= interval
             if al_full or self._checkpoint_soon or (

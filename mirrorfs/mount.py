@@ -443,11 +443,14 @@ def run_daemon(opts: MountOptions) -> int:
         return 1
     log.info("mounted %s at %s (source %s, target %s)", prep.name, prep.mountpoint,
              prep.source.path, prep.target.path)
-    prep.target_created = False  # from here on the target is the job's, even on failure
     crashed = True
     try:
         trio.run(_serve, ops, prep, opts, notify)
         crashed = False
+    except MountError as e:  # before the first request was served: undo it all
+        crashed = False
+        notify.send("ERROR", str(e))
+        return 1
     except BaseException:
         log.exception("the daemon failed")
         raise
@@ -476,9 +479,14 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
                     resume=prep.resume, resume_info=prep.resume_info)
     if persist is not None:
         # the initial bitmap is on disk before the first guest write
-        await mirror.checkpoint(phase="running", clean=False)
+        try:
+            await mirror.checkpoint(phase="running", clean=False)
+        except OSError as e:  # e.g. no room next to the target: refuse, as prepare() would
+            raise MountError(f"cannot write the state file {persist.sf.path}: "
+                             f"{e.strerror}") from None
         log.debug("initial state saved in %s", persist.sf.path)
     prep.state_created = False  # the job owns it now
+    prep.target_created = False  # from here on the target is the job's, even on failure
     ops.mirror = mirror
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)

@@ -29,7 +29,9 @@ class TokenBucket:
         self._tokens = min(self._tokens, self._burst())
 
     def _burst(self) -> float:
-        return self._rate * SLICE_S
+        # at least one token: below 1/SLICE_S bytes/s the bucket would never hold a whole
+        # token and nothing would ever be copied
+        return max(self._rate * SLICE_S, 1.0)
 
     def _refill(self, now: float) -> None:
         if self._rate:

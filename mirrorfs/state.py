@@ -215,6 +215,7 @@ class ActivityLog:
             p_new = snapshot()
             # From here, writes not covered by p_new need a log entry in the new slot: they
             # queue on the lock. Writes covered by p_new are safe in the old slot as well.
+            old_p, old_al = self.p, self.al.copy()
             self.p = p_new
             self.al.setall(0)
 
@@ -222,7 +223,14 @@ class ActivityLog:
                 flush()
                 self.sf.write_checkpoint(p_new, **fields)
 
-            await self._run_sync(work)
+            try:
+                await self._run_sync(work)
+            except BaseException:
+                # The header still names the old slot: the old P and the old log are what is
+                # on disk, and later log entries go into that slot's log block, which must
+                # keep the old bits (else a crash forgets the extents logged before).
+                self.p, self.al = old_p, old_al
+                raise
             self.checkpoints += 1
 
     async def set_fields(self, **fields: Any) -> None:

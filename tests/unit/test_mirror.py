@@ -369,3 +369,33 @@ async def test_switch_to_write_blocking_is_one_way(tmp_path: Path) -> None:
         m.cancel(force=True)
         await wait_state(m, State.CANCELLED)
     assert not m.job.target_consistent
+
+
+async def test_a_failing_state_file_never_fails_a_guest_write(tmp_path: Path) -> None:
+    from bitarray import bitarray
+
+    from mirrorfs.state import ActivityLog, StateFile
+
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    c = cfg()
+    nchunks = 2 * MiB // c.granularity
+    sf = StateFile.create(str(tmp_path / "state"), {
+        "phase": "running", "clean": False, "size": 2 * MiB, "granularity": c.granularity,
+        "extent_bytes": 4 * MiB, "nchunks": nchunks, "nextents": 1})
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    sf.log_extent = broken  # type: ignore[method-assign]
+    persist = ActivityLog(sf, bitarray(nchunks, endian="little"), c.granularity, 4 * MiB)
+    m = Mirror(src, tgt, c, persist=persist)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        assert await m.write(4096, b"the guest's write succeeds") == 26
+        assert m.persist is None and not (tmp_path / "state").exists()
+        assert "state" in [e.get("side") for e in map(__import__("json").loads,
+                                                      m.job.events.render().splitlines())]
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)

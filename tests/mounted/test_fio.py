@@ -1,0 +1,153 @@
+"""fio with data verification against the mounted image, then against the target itself.
+
+fio writes random blocks with a crc32c header and checksum in each (``verify=crc32c``) from
+four jobs at once, in disjoint 4 MiB regions: two libaio O_DIRECT jobs with 16 I/Os in flight
+and two buffered psync jobs with random block sizes and fsyncs, all while the bulk copy
+runs (throttled with --speed so that it is still running when fio ends). fio's own
+read-back verification must pass through the mount; after ``complete``, fio's verify-only
+pass (same jobs, same seed, so the same blocks) must pass on the TARGET file directly. The
+check is shown able to fail: one flipped byte in a copy of the target fails it.
+``qemu-img compare`` checks source against target after a completed job and after a cancel
+in ready (a point-in-time copy).
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import MiB, MirrorFactory, assert_same, make_image
+
+SIZE = 32 * MiB
+FIO_REGION = 4 * MiB  # per job; four jobs: [0, 16 MiB)
+
+pytestmark = pytest.mark.skipif(shutil.which("fio") is None or shutil.which("qemu-img") is None,
+                                reason="fio and qemu-img (scripts/setup.sh installs them)")
+
+JOBFILE = """\
+[global]
+filename=${FIOFILE}
+rw=randwrite
+verify=crc32c
+verify_fatal=1
+randseed=%(seed)d
+size=%(region)d
+offset_increment=%(region)d
+numjobs=2
+[aio]
+ioengine=libaio
+direct=1
+iodepth=16
+bs=4k
+offset=0
+[psync]
+ioengine=psync
+direct=0
+bsrange=4k-64k
+fsync=16
+end_fsync=1
+offset=%(psync_offset)d
+"""
+
+
+def write_jobfile(path: Path, seed: int) -> Path:
+    path.write_text(JOBFILE % {"seed": seed, "region": FIO_REGION,
+                               "psync_offset": 2 * FIO_REGION})
+    return path
+
+
+def fio(jobfile: Path, target: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FIOFILE=str(target))
+    # cwd: fio saves its verify state files (*-verify.state) there
+    return subprocess.run(["fio", "--output-format=terse", *extra, str(jobfile)], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, cwd=jobfile.parent)
+
+
+def fio_ok(r: subprocess.CompletedProcess[str], what: str) -> None:
+    assert r.returncode == 0, f"fio {what} failed ({r.returncode}): {r.stderr[-2000:]}"
+    # terse v3: field 5 is the job's error number
+    errs = [line.split(";")[4] for line in r.stdout.splitlines() if line.startswith("3;")]
+    assert len(errs) == 4 and set(errs) == {"0"}, f"fio {what}: job errors {errs}: {r.stdout}"
+
+
+def qemu_img_compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_fio_verify_during_bulk_copy_then_on_target(tmp_path: Path,
+                                                    mirrorfs: MirrorFactory) -> None:
+    src = make_image(tmp_path / "disk.img", SIZE)
+    original = src.read_bytes()
+    jobfile = write_jobfile(tmp_path / "verify.fio", seed=4242)
+    m = mirrorfs.mount(src, None, "--speed", "2M")
+    assert m.status()["state"] == "copying"
+
+    r = fio(jobfile, m.img)
+    fio_ok(r, "write+verify through the mount")
+    st = m.status()
+    assert st["state"] == "copying" and st["remaining_bytes"] > 0, \
+        f"fio must have run during the bulk copy: {st}"
+
+    m.command("speed 0")
+    m.wait("ready")
+    m.command("complete")
+    st = m.wait("completed")
+    assert st["serving"] == "target" and st["target_consistent"] is True
+    m.umount()
+    assert_same(src, m.tgt)
+    assert original[:4 * FIO_REGION] != src.read_bytes()[:4 * FIO_REGION]
+
+    # fio's verify-only pass on the target itself: the same blocks, checked from the headers
+    fio_ok(fio(jobfile, m.tgt, "--verify_only"), "verify-only on the target")
+    r = qemu_img_compare(src, m.tgt)
+    assert r.returncode == 0, f"qemu-img compare after complete: {r.stdout}{r.stderr}"
+
+    # The check can fail: flip one byte inside a block fio wrote (psync job 1's region).
+    bad = tmp_path / "corrupt.img"
+    shutil.copyfile(m.tgt, bad)
+    data = bad.read_bytes()
+    region = 3 * FIO_REGION
+    off = next(o for o in range(region, region + FIO_REGION, 4096)
+               if data[o:o + 4096] != original[o:o + 4096]) + 2049  # a written block's middle
+    with open(bad, "r+b") as f:
+        f.seek(off)
+        f.write(bytes([data[off] ^ 0x40]))
+    r = fio(jobfile, bad, "--verify_only")
+    assert r.returncode != 0, "fio's verify-only did not notice a flipped byte"
+    assert "verify failed" in r.stderr or "bad magic" in r.stderr, r.stderr[-2000:]
+    r = qemu_img_compare(m.tgt, bad)
+    assert r.returncode == 1 and "mismatch" in r.stdout.lower(), f"{r.stdout}{r.stderr}"
+
+
+def test_qemu_img_compare_after_cancel_in_ready(tmp_path: Path,
+                                                mirrorfs: MirrorFactory) -> None:
+    """A soft cancel in ready leaves a point-in-time copy: the target equals the source as
+    it was at the cancel, and later writes reach the source only."""
+    src = make_image(tmp_path / "disk.img", SIZE)
+    jobfile = write_jobfile(tmp_path / "verify.fio", seed=777)
+    m = mirrorfs.mount(src, None)
+    m.wait("ready")
+    m.command("speed 4M")  # fio's writes build up a backlog that the cancel must drain
+    fio_ok(fio(jobfile, m.img), "write+verify through the mount in ready")
+    st = m.status()
+    assert st["state"] == "ready"
+    m.command("cancel")
+    st = m.wait("cancelled")
+    assert st["target_consistent"] is True and st["serving"] == "source"
+    snapshot = tmp_path / "at-cancel.img"
+    shutil.copyfile(src, snapshot)
+    with open(m.img, "r+b") as f:  # after the cancel: the source only
+        f.seek(20 * MiB + 4096)
+        f.write(b"written after the cancel")
+    m.umount()
+
+    r = qemu_img_compare(snapshot, m.tgt)
+    assert r.returncode == 0, f"target is not the point-in-time copy: {r.stdout}{r.stderr}"
+    assert_same(snapshot, m.tgt)
+    fio_ok(fio(jobfile, m.tgt, "--verify_only"), "verify-only on the cancelled target")
+    r = qemu_img_compare(src, m.tgt)
+    assert r.returncode == 1, f"a write after the cancel reached the target: {r.stdout}"
+    assert f"offset {20 * MiB + 4096}" in r.stdout, r.stdout  # sector aligned
