@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="S",
                    help="save the copy's progress in the state file every S seconds "
                         "(default 10; also at ready and when the activity log fills)")
+    m.add_argument("--no-state", action="store_true",
+                   help="keep no state file (a crash or restart then means a full copy)")
     m.add_argument("--fresh", action="store_true",
                    help="ignore a saved state and start a new mirror")
     m.add_argument("--tls-ca", metavar="FILE", help="nbds:// targets: the CA certificate")
@@ -351,7 +353,8 @@ def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
         on_target_error=a.on_target_error, name=a.name, foreground=True,
         allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
         notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval))
+        tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval),
+        no_state=a.no_state)
     return mount.run_daemon(opts)
 
 

@@ -70,6 +70,7 @@ class MountOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     checkpoint_s: float = 10.0
+    no_state: bool = False
 
 
 @dataclasses.dataclass
@@ -268,6 +269,10 @@ def _image_id(img: Image) -> dict[str, Any]:
 
 
 def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
+    if opts.no_state:
+        if opts.state:
+            raise MountError("--state and --no-state contradict each other")
+        return
     path = _state_path(opts, prep.target)
     if path is None:
         what = "a block device" if prep.target.is_block else "an NBD export"
