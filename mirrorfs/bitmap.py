@@ -122,8 +122,10 @@ class DirtyBitmap:
         i = self._bits.find(0, a, limit)
         return limit if i < 0 else i
 
-    def snapshot(self) -> bitarray:
-        return self._bits.copy()
+    def copy_into(self, into: bitarray) -> None:
+        """Overwrite ``into`` (same length) with the dirty bits, allocating nothing."""
+        into.setall(0)
+        into |= self._bits
 
     def mark_from(self, bits: bitarray) -> None:
         """OR a saved bitmap (same length) into this one."""

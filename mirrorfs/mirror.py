@@ -464,12 +464,11 @@ class Mirror:
         log.info("mirror loop ended in state %s", self.job.state)
 
     # ------------------------------------------------------------------ the state file
-    def _snapshot(self) -> bitarray:
+    def _snapshot(self, into: bitarray) -> None:
         """What may differ between source and target now: dirty plus in flight."""
-        p = self.bitmap.snapshot()
+        self.bitmap.copy_into(into)
         for busy in self._busy:
-            p[busy.a:busy.b] = 1
-        return p
+            into[busy.a:busy.b] = 1
 
     async def _log(self, a: int, b: int) -> None:
         """Log chunks [a, b) in the activity log. If the state file cannot be written, the

@@ -482,6 +482,7 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
                               sf.header["extent_bytes"])
     mirror = Mirror(prep.source, prep.target, cfg, Job(), persist=persist,
                     resume=prep.resume, resume_info=prep.resume_info)
+    prep.resume = None  # merged into the mirror's bitmap: do not keep a second copy
     if persist is not None:
         # the initial bitmap is on disk before the first guest write
         try:

@@ -106,8 +106,9 @@ class StateFile:
         """P into the inactive slot with an empty log, sync, then switch the header."""
         new_slot = 1 - self.header["slot"]
         off = self._slot_off(new_slot)
-        data = bytes(self.al_bytes) + _padded(p, self.p_bytes)
-        _pwrite_all(self.fd, data, off)
+        _pwrite_all(self.fd, bytes(self.al_bytes), off)
+        assert p.endian == "little"
+        _pwrite_all(self.fd, memoryview(p), off + self.al_bytes)  # no copy of a large P
         os.fdatasync(self.fd)
         self.write_header(slot=new_slot, **fields)
 
@@ -132,7 +133,7 @@ def _padded(bits: bitarray, nbytes: int) -> bytes:
     return b + bytes(nbytes - len(b))
 
 
-def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, off)
@@ -204,32 +205,35 @@ class ActivityLog:
                     await self._run_sync(self.sf.log_extent, self.al, e)
                     self.al_writes += 1
 
-    async def checkpoint(self, snapshot: Callable[[], bitarray],
+    async def checkpoint(self, fill: Callable[[bitarray], None],
                          flush: Callable[[], None], **fields: Any) -> None:
         """Persist a snapshot of the dirty and in-flight chunks and empty the log.
 
-        The snapshot is taken under the lock, so no write can slip between it and the
+        ``fill`` writes the snapshot into ``self.p`` in place (no second copy of a bitmap
+        that is 32 MiB for 16 TiB), under the lock, so no write can slip between it and the
         switch to the new log. ``flush`` makes the images durable first: P must never say
         "clean" about a chunk whose copy is still only in the page cache."""
         async with self.lock:
-            p_new = snapshot()
-            # From here, writes not covered by p_new need a log entry in the new slot: they
-            # queue on the lock. Writes covered by p_new are safe in the old slot as well.
-            old_p, old_al = self.p, self.al.copy()
-            self.p = p_new
+            old_al = self.al.copy()
+            fill(self.p)
+            # From here, writes not covered by the new P need a log entry in the new slot:
+            # they queue on the lock. Writes covered by it are safe in the old slot as well.
             self.al.setall(0)
 
             def work() -> None:
                 flush()
-                self.sf.write_checkpoint(p_new, **fields)
+                self.sf.write_checkpoint(self.p, **fields)
 
             try:
                 await self._run_sync(work)
             except BaseException:
-                # The header still names the old slot: the old P and the old log are what is
-                # on disk, and later log entries go into that slot's log block, which must
-                # keep the old bits (else a crash forgets the extents logged before).
-                self.p, self.al = old_p, old_al
+                # The header still names the old slot: its P and its log are what is on
+                # disk, and later log entries go into that log block, which must keep the
+                # old bits (else a crash forgets the extents logged before). The old P is
+                # gone from memory: an empty one is the safe stand-in (every write to an
+                # extent not in the log logs it first).
+                self.p.setall(0)
+                self.al = old_al
                 raise
             self.checkpoints += 1
 
