@@ -572,9 +572,9 @@ class Mirror:
             budget = min(batch_bytes, cfg.buf_size - self._inflight_data)
             if not unthrottled:
                 now = self._now()
-                allowance = self.bucket.allowance(now)
+                allowance = self.bucket.allowance(now, batch_bytes)
                 if allowance == 0:
-                    return self.bucket.delay(now)
+                    return self.bucket.delay(now, batch_bytes)
                 if allowance is not None:
                     budget = min(budget, allowance)
             ops = self._pick(max(budget, cfg.granularity))
@@ -709,12 +709,32 @@ class Mirror:
                         self.source.pread_into(view, op.offset)
                     except OSError as e:
                         raise CopyError("source", op.offset, op.length, e) from e
-                    op.zero_bytes = self._write_out(view, op.offset)
+                    op.zero_bytes = self._write_segments(view, op.offset)
                     op.data_bytes = op.length - op.zero_bytes
                 op.done = True
             except CopyError as e:
                 op.error = e
                 return
+
+    def _write_segments(self, view: memoryview, offset: int) -> int:
+        """Write what was read, punching where the source has holes (file-system blocks,
+        finer than a chunk: a chunk that is half hole must not become all data on the
+        target). The holes are looked up after the read; a guest write racing it dirties
+        the chunk again, so either answer is safe."""
+        end = offset + len(view)
+        zeros = 0
+        pos = offset
+        while pos < end:
+            data = min(self.source.next_data(pos), end)
+            if data > pos:  # a hole of the source
+                self._target_zero(pos, data - pos)
+                zeros += data - pos
+            if data >= end:
+                break
+            hole = min(self.source.next_hole(data), end)
+            zeros += self._write_out(view[data - offset:hole - offset], data)
+            pos = hole
+        return zeros
 
     def _target_zero(self, offset: int, length: int) -> None:
         try:

@@ -38,22 +38,32 @@ class TokenBucket:
             self._tokens = min(self._tokens + (now - self._last) * self._rate, self._burst())
         self._last = now
 
-    def allowance(self, now: float) -> int | None:
-        """Bytes that may start now (None: unlimited; 0: wait ``delay`` first)."""
+    def allowance(self, now: float, min_take: int = 1) -> int | None:
+        """Bytes that may start now (None: unlimited; 0: wait ``delay`` first). Waits for
+        ``min_take`` bytes (capped at one slice's worth) rather than starting a tiny copy
+        every time a few tokens trickle in: each copy costs a thread round trip."""
         if not self._rate:
             return None
         self._refill(now)
-        return int(self._tokens) if self._tokens >= 1 else 0
+        # one byte of slack: refills are floats, and a wait for the last 1e-11 of a token
+        # would be a sleep too short for any clock to pass
+        return max(1, int(self._tokens)) if self._tokens + 1 >= self._need(min_take) else 0
 
-    def delay(self, now: float) -> float:
-        """Seconds until tokens are positive again, capped at one slice so that a speed
-        change is seen soon."""
+    def delay(self, now: float, min_take: int = 1) -> float:
+        """Seconds until ``allowance`` grants something, capped at one slice so that a
+        speed change is seen soon."""
         if not self._rate:
             return 0.0
         self._refill(now)
-        if self._tokens >= 1:
+        need = self._need(min_take)
+        if self._tokens + 1 >= need:
             return 0.0
-        return min(SLICE_S, (1 - self._tokens) / self._rate)  # > 0 whenever allowance is 0
+        # > 0 whenever allowance is 0, and at least a millisecond
+        return min(SLICE_S, max(0.001, (need - self._tokens) / self._rate))
+
+    def _need(self, min_take: int) -> float:
+        # half a burst at most: the bucket is capped at a burst
+        return max(1.0, min(float(min_take), self._burst() / 2))
 
     def charge(self, nbytes: int, now: float) -> None:
         if self._rate:

@@ -1,0 +1,1063 @@
+#!/usr/bin/env python3
+"""mirrorfs benchmark: guest I/O, the copier, write-blocking's cost, the daemon's memory.
+
+    .venv/bin/python scripts/bench.py [--quick] [--only fio,copier,wb,mem]
+
+Everything is measured in one run on one machine, so only the ratios inside one run mean
+anything (the machine is shared and noisy). Sections:
+
+ 1. fio  guest I/O (libaio) on one image, side by side: the raw file; qemu-storage-daemon's
+         FUSE export of it; mirrorfs with the job ready and idle; mirrorfs during the bulk
+         copy. The images live in a tmpfs directory (/dev/shm by default, --fio-dir), so
+         the numbers measure the FUSE servers, not a shared disk. "During copy" mounts a
+         fresh job for each fio case with a speed limit chosen so that the copy lasts about
+         1.5x the fio run (it reports whether the copy was still running when fio ended).
+ 2. copier  mount -> ready and mount -> completed (complete includes the target's fsync) for
+         a fully allocated image and a large sparse one, against cp and cp + fsync
+         (cp --sparse=always for the sparse one), on a real disk file system (/tmp by
+         default, --copy-dir: fsync means something there; on tmpfs it is a no-op).
+ 3. wb   write-blocking's cost: fio 4 KiB random write qd16 and 1 MiB sequential write on
+         the raw file, mirrorfs ready in background mode, mirrorfs ready in write-blocking
+         mode; throughput and p50/p99 completion latency.
+ 4. mem  the daemon's VmHWM for a 16 TiB all-hole image (tmpfs: ext4 caps files at
+         16 TiB - 4 KiB) at the default granularity, right after mount and at ready.
+
+Results: a text table on stdout, the same as JSON on stdout's last line and in
+bench-results/bench-<timestamp>.json. Standard library only. Every mount and process the
+benchmark starts is removed at the end, also on failure or Ctrl-C.
+
+Narrowing a run: --only SECTIONS, --cases SUBSTRINGS (fio cases), --runtime S, --reps N,
+--fio-reps N. To benchmark another tree of the package (an A/B), run from outside this
+checkout with PYTHONPATH pointing at it: cd /tmp && PYTHONPATH=/path/to/tree
+/work/main/.venv/bin/python /work/main/scripts/bench.py ... (the header says which mirrorfs
+was measured).
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.join(REPO, ".venv", "bin")
+MIRRORFS = os.path.join(VENV_BIN, "mirrorfs")
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+# name, fio rw, block size, iodepth, O_DIRECT
+FioCase = tuple[str, str, str, int, int]
+FIO_CASES: list[FioCase] = [
+    ("seq write 1M direct qd16", "write", "1M", 16, 1),
+    ("seq read 1M direct qd16", "read", "1M", 16, 1),
+    ("seq write 1M buffered", "write", "1M", 1, 0),
+    ("seq read 1M buffered", "read", "1M", 1, 0),
+    ("rand write 4K qd16", "randwrite", "4k", 16, 1),
+    ("rand read 4K qd16", "randread", "4k", 16, 1),
+    ("rand write 4K qd1", "randwrite", "4k", 1, 1),
+    ("rand read 4K qd1", "randread", "4k", 1, 1),
+]
+WB_CASES = [FIO_CASES[4], FIO_CASES[0]]
+
+TARGETS = {  # the brief's targets, checked in the summary
+    "idle_vs_qsd_min": 1.0,
+    "copy_vs_idle_min": 0.75,
+    "copier_speed_vs_cp_min": 0.9,
+    "sparse_time_vs_cp_max": 1.3,
+    "rss_16t_max_mib": 100,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ====================================================================== cleanup registry
+class Reaper:
+    """Everything started or created, undone in reverse order by ``cleanup``."""
+
+    def __init__(self) -> None:
+        self.mounts: dict[str, int | None] = {}  # mirrorfs mountpoint -> daemon pid
+        self.procs: list[tuple[subprocess.Popen[bytes], str]] = []  # (qsd, its mountpoint)
+        self.dirs: list[str] = []
+
+    def cleanup(self) -> None:
+        for mnt in list(self.mounts):
+            with contextlib.suppress(Exception):
+                umount_mirrorfs(self, mnt)
+        for proc, mnt in list(self.procs):
+            with contextlib.suppress(Exception):
+                stop_qsd(self, proc, mnt)
+        for d in reversed(self.dirs):
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+
+
+def mounted(path: str) -> bool:
+    path = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_pid(pid: int, grace: float = 5.0) -> None:
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+# ====================================================================== mirrorfs helpers
+def read_ctl(mnt: str) -> dict[str, Any]:
+    with open(os.path.join(mnt, ".mirror", "ctl"), "rb") as f:
+        return json.loads(f.read())
+
+
+def send_ctl(mnt: str, cmd: str) -> None:
+    fd = os.open(os.path.join(mnt, ".mirror", "ctl"), os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, (cmd + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class CtlPoller:
+    """Keeps ctl open and re-reads it from offset 0: one FUSE request per poll."""
+
+    def __init__(self, mnt: str) -> None:
+        self.fd = os.open(os.path.join(mnt, ".mirror", "ctl"), os.O_RDONLY)
+
+    def read(self) -> dict[str, Any]:
+        return json.loads(os.pread(self.fd, 1 << 16, 0))
+
+    def wait(self, states: tuple[str, ...], timeout: float, poll: float = 0.01,
+             quiet: bool = False) -> dict[str, Any]:
+        """Until state is in ``states`` (and, with quiet, nothing is dirty or in flight)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.read()
+            if st["state"] in states and (not quiet or (st["remaining_bytes"] == 0)):
+                return st
+            if st["state"] in ("failed", "cancelled") and st["state"] not in states:
+                raise BenchError(f"job ended {st['state']}: {st.get('error')}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"timed out waiting for {states}: {st['state']}, "
+                                 f"remaining {st['remaining_bytes']}")
+            time.sleep(poll)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def mount_mirrorfs(reaper: Reaper, src: str, tgt: str, mnt: str, *opts: str) -> dict[str, Any]:
+    reaper.mounts[mnt] = None  # even a half-done mount gets cleaned up
+    logfile = mnt.rstrip("/") + ".log"
+    r = subprocess.run([MIRRORFS, "mount", src, tgt, mnt, "--log", logfile, *opts],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = ""
+        with contextlib.suppress(OSError), open(logfile, errors="replace") as f:
+            tail = " | ".join(f.read().strip().splitlines()[-6:])
+        raise BenchError(f"mirrorfs mount {src} failed: {r.stderr.strip()} (log: {tail})")
+    st = read_ctl(mnt)
+    reaper.mounts[mnt] = int(st["pid"])
+    return st
+
+
+def umount_mirrorfs(reaper: Reaper, mnt: str) -> None:
+    pid = reaper.mounts.get(mnt)
+    if mounted(mnt):
+        r = subprocess.run([MIRRORFS, "umount", mnt, "--timeout", "15"], capture_output=True,
+                           text=True)
+        if r.returncode != 0 and mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+    if pid:
+        kill_pid(pid)
+    reaper.mounts.pop(mnt, None)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM/VmRSS/VmSize in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS", "VmSize", "VmPeak"):
+                out[k] = int(v.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime: fields 14 and 15 of stat; after the ')' split they are 11 and 12
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return None
+
+
+# ====================================================================== qemu-storage-daemon
+def ensure_qsd() -> str | None:
+    exe = shutil.which("qemu-storage-daemon")
+    if exe:
+        return exe
+    log("qemu-storage-daemon missing: installing Debian's qemu-system-common")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-system-common"]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        subprocess.run(cmd, env=env, capture_output=True)
+    return shutil.which("qemu-storage-daemon")
+
+
+def start_qsd(reaper: Reaper, exe: str, img: str, export: str,
+              logfile: str) -> subprocess.Popen[bytes]:
+    with open(export, "a"):
+        pass  # the FUSE export's mountpoint must be an existing regular file
+    cmd = [exe,
+           "--blockdev", f"driver=file,node-name=file,filename={img}",
+           "--blockdev", "driver=raw,node-name=raw,file=file",
+           "--export", f"type=fuse,id=exp,node-name=raw,mountpoint={export},writable=on"]
+    with open(logfile, "wb") as lf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                start_new_session=True)
+    reaper.procs.append((proc, export))
+    deadline = time.monotonic() + 15
+    while not mounted(export):
+        if proc.poll() is not None:
+            with open(logfile, errors="replace") as lf2:
+                raise BenchError(f"qemu-storage-daemon exited {proc.returncode}: "
+                                 f"{lf2.read().strip()[-500:]}")
+        if time.monotonic() > deadline:
+            raise BenchError("qemu-storage-daemon's FUSE export did not appear in 15 s")
+        time.sleep(0.02)
+    return proc
+
+
+def stop_qsd(reaper: Reaper, proc: subprocess.Popen[bytes], export: str) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if mounted(export):
+        subprocess.run(["fusermount3", "-u", "-z", export], capture_output=True)
+    with contextlib.suppress(ValueError):
+        reaper.procs.remove((proc, export))
+
+
+# ====================================================================== fio
+def run_fio(path: str, case: FioCase, size: int, runtime: int,
+            ramp: int) -> dict[str, Any]:
+    name, rw, bs, depth, direct = case
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--size={size}",
+           "--ioengine=libaio", f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
+           f"--direct={direct}", "--time_based", f"--runtime={runtime}",
+           f"--ramp_time={ramp}", "--fallocate=none", "--randrepeat=0", "--norandommap",
+           "--group_reporting", "--output-format=json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + ramp + 120)
+    out = r.stdout
+    try:
+        data = json.loads(out[out.index("{"):])
+    except ValueError:
+        raise BenchError(f"fio {name} on {path}: rc {r.returncode}: "
+                         f"{(r.stderr or out).strip()[-400:]}") from None
+    job = data["jobs"][0]
+    if job.get("error"):
+        raise BenchError(f"fio {name} on {path}: error {job['error']}: {r.stderr.strip()}")
+    d = job["write" if "write" in rw else "read"]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    return {
+        "iops": d["iops"],
+        "mib_s": d["bw_bytes"] / MiB,
+        "clat_p50_us": pct.get("50.000000", 0) / 1000,
+        "clat_p99_us": pct.get("99.000000", 0) / 1000,
+        "clat_mean_us": d.get("clat_ns", {}).get("mean", 0) / 1000,
+        "runtime_s": d.get("runtime", 0) / 1000,
+    }
+
+
+def metric(case: FioCase, res: dict[str, Any] | None) -> float | None:
+    """The headline number of a case: MiB/s for 1 MiB blocks, IOPS for 4 KiB ones."""
+    if not res:
+        return None
+    return res["mib_s"] if case[2] == "1M" else res["iops"]
+
+
+# ====================================================================== images
+def make_random_file(path: str, size: int) -> None:
+    pool = os.urandom(16 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        off = 0
+        while off < size:
+            n = min(len(pool), size - off)
+            os.pwrite(fd, memoryview(pool)[:n], off)
+            off += n
+    finally:
+        os.close(fd)
+
+
+def make_sparse_file(path: str, size: int, data: int, extent: int = 512 * KiB,
+                     seed: int = 1) -> int:
+    """A sparse file of ``size`` with ``data`` bytes in scattered ``extent``-sized extents at
+    4 KiB-aligned pseudo-random offsets (not aligned to the 64 KiB granularity)."""
+    import random
+    rnd = random.Random(seed)
+    n = data // extent
+    slot = size // n  # one extent somewhere in each slot: scattered, never overlapping
+    pool = os.urandom(8 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for i in range(n):
+            off = i * slot + rnd.randrange(0, (slot - extent) // 4096) * 4096
+            p = rnd.randrange(0, (len(pool) - extent) // 4096) * 4096
+            os.pwrite(fd, memoryview(pool)[p:p + extent], off)
+    finally:
+        os.close(fd)
+    return n
+
+
+def prefault(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh anonymous memory, then free it.
+
+    This machine's kernel has free page reporting on (a Firecracker guest): memory that
+    was freed is handed back to the host, and the next first touch of it costs ~1 s per
+    GiB in host page faults. Whichever timed run happens to allocate such pages (page cache
+    for a target, tmpfs pages) looks 2-5x slower at random. Touching memory right before a
+    timed run leaves warm pages at the head of the free lists, where the run takes them."""
+    import mmap
+    nbytes = min(nbytes, 4 * GiB)
+    if nbytes <= 0:
+        return
+    mm = mmap.mmap(-1, nbytes)
+    try:
+        chunk = b"\1" * (16 * MiB)
+        for off in range(0, nbytes, len(chunk)):
+            n = min(len(chunk), nbytes - off)
+            mm[off:off + n] = chunk[:n]
+    finally:
+        mm.close()
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop(path: str) -> None:
+    """Remove a file and a mirrorfs state file beside it (TARGET.mirrorfs), if any."""
+    for p in (path, path + ".mirrorfs"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def fs_type(path: str) -> str:
+    best, fstype = "", "?"
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mp = parts[4]
+            sep = parts.index("-")
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
+                best, fstype = mp, parts[sep + 1]
+    return f"{fstype} ({best})"
+
+
+# ====================================================================== section 1: fio
+def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str, Any]:
+    size, runtime, ramp = cfg.fio_size, cfg.runtime, cfg.ramp
+    res: dict[str, Any] = {"dir": base, "fs": fs_type(base), "image_bytes": size,
+                           "runtime_s": runtime, "ramp_s": ramp, "cases": {}}
+    raw = os.path.join(base, "raw.img")
+    idle_src, idle_tgt = os.path.join(base, "idle.img"), os.path.join(base, "idle-tgt.img")
+    copy_src, copy_tgt = os.path.join(base, "copy.img"), os.path.join(base, "copy-tgt.img")
+    mnt_idle, mnt_copy = os.path.join(base, "mnt-idle"), os.path.join(base, "mnt-copy")
+    export = os.path.join(base, "qsd-export.img")
+    for d in (mnt_idle, mnt_copy):
+        os.mkdir(d)
+    log(f"fio: creating {size // MiB} MiB images in {base}")
+    make_random_file(raw, size)
+    shutil.copyfile(raw, idle_src)
+    shutil.copyfile(raw, copy_src)
+    # fio's whole run (ramp + runtime) plus its start-up, times 1.5: the copy outlasts fio
+    speed = cfg.copy_speed or int(size / (1.5 * (runtime + ramp + 0.5)))
+    speed = max(speed // MiB, 1) * MiB
+    res["during_copy_speed_bytes_s"] = speed
+
+    qsd = ensure_qsd()
+    res["qsd"] = subprocess.run([qsd, "--version"], capture_output=True,
+                                text=True).stdout.split("\n")[0] if qsd else None
+    qsd_proc = None
+    if qsd:
+        qsd_proc = start_qsd(reaper, qsd, raw, export, os.path.join(base, "qsd.log"))
+    else:
+        log("fio: no qemu-storage-daemon: the qsd column stays empty")
+    mount_mirrorfs(reaper, idle_src, idle_tgt, mnt_idle)
+    idle = CtlPoller(mnt_idle)
+    try:
+        idle.wait(("ready",), 300, quiet=True)
+        idle_pid = reaper.mounts[mnt_idle]
+        img_idle = os.path.join(mnt_idle, os.path.basename(idle_src))
+        img_copy = os.path.join(mnt_copy, os.path.basename(copy_src))
+        def run_raw(case: FioCase) -> dict[str, Any]:
+            return run_fio(raw, case, size, runtime, ramp)
+
+        def run_qsd(case: FioCase) -> dict[str, Any]:
+            assert qsd_proc is not None
+            c0 = cpu_seconds(qsd_proc.pid)
+            r = run_fio(export, case, size, runtime, ramp)
+            r["server_cpu_s"] = _delta(cpu_seconds(qsd_proc.pid), c0)
+            return r
+
+        def run_idle(case: FioCase) -> dict[str, Any]:
+            idle.wait(("ready",), 120, quiet=True)
+            c0 = cpu_seconds(idle_pid)
+            r = run_fio(img_idle, case, size, runtime, ramp)
+            r["server_cpu_s"] = _delta(cpu_seconds(idle_pid), c0)
+            return r
+
+        def run_copy(case: FioCase) -> dict[str, Any]:
+            drop(copy_tgt)
+            prefault(size + GiB // 2)
+            st0 = mount_mirrorfs(reaper, copy_src, copy_tgt, mnt_copy, "--speed", str(speed))
+            pid = reaper.mounts[mnt_copy]
+            try:
+                c0 = cpu_seconds(pid)
+                r = run_fio(img_copy, case, size, runtime, ramp)
+                r["server_cpu_s"] = _delta(cpu_seconds(pid), c0)
+                st = read_ctl(mnt_copy)
+                r.update(state_at_end=st["state"], copy_running_at_end=st["state"] == "copying",
+                         copied_bytes=st["copied_bytes"] - st0["copied_bytes"],
+                         remaining_bytes_at_end=st["remaining_bytes"])
+                return r
+            finally:
+                umount_mirrorfs(reaper, mnt_copy)
+
+        runners = [("raw", "raw", run_raw), ("qsd", "qsd", run_qsd),
+                   ("idle", "mirrorfs idle", run_idle),
+                   ("copy", f"mirrorfs during copy (speed {speed // MiB} MiB/s)", run_copy)]
+        if qsd_proc is None:
+            runners.pop(1)
+        for case in cfg.fio_cases:
+            name = case[0]
+            reps: dict[str, list[dict[str, Any]]] = {k: [] for k, _, _ in runners}
+            errors: dict[str, str] = {}
+            for rep in range(cfg.fio_reps):  # the four interleaved: drift hits all alike
+                tag = f"fio: {name}" + (f" (rep {rep + 1})" if cfg.fio_reps > 1 else "")
+                for key, label, fn in runners:
+                    log(f"{tag}: {label}")
+                    try:
+                        reps[key].append(fn(case))
+                    except (BenchError, subprocess.TimeoutExpired) as e:
+                        log(f"{tag}: {label} failed: {e}")
+                        errors[key] = str(e)
+            row: dict[str, Any] = {}
+            for k, runs in reps.items():
+                if runs:
+                    row[k] = _median_run(case, runs)
+            if cfg.fio_reps > 1:
+                row["reps"] = reps
+            if errors:
+                row["errors"] = errors
+                res.setdefault("errors", {})[name] = errors
+            res["cases"][name] = row
+    finally:
+        idle.close()
+        umount_mirrorfs(reaper, mnt_idle)
+        if qsd_proc is not None:
+            stop_qsd(reaper, qsd_proc, export)
+    for p in (raw, idle_src, idle_tgt, copy_tgt, export):
+        drop(p)
+    res["_keep_copy_src"] = copy_src  # section 3 reuses it
+    return res
+
+
+def _median_run(case: FioCase,
+                runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median headline number (lower median for an even count)."""
+    runs = sorted(runs, key=lambda r: metric(case, r) or 0.0)
+    return dict(runs[(len(runs) - 1) // 2])
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+# ====================================================================== section 2: copier
+def timed_mirror(reaper: Reaper, src: str, tgt: str, mnt: str) -> dict[str, Any]:
+    drop(tgt)
+    t0 = time.perf_counter()
+    mount_mirrorfs(reaper, src, tgt, mnt)
+    t_mounted = time.perf_counter() - t0
+    poller = CtlPoller(mnt)
+    try:
+        poller.wait(("ready",), 600)
+        t_ready = time.perf_counter() - t0
+        send_ctl(mnt, "complete")
+        st = poller.wait(("completed",), 600)
+        t_done = time.perf_counter() - t0
+    finally:
+        poller.close()
+    with open(os.path.join(mnt, ".mirror", "events"), "rb") as f:
+        events = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+    ready_ev = [e for e in events if e.get("event") == "ready"]
+    umount_mirrorfs(reaper, mnt)
+    return {"mounted_s": t_mounted, "ready_s": t_ready, "completed_s": t_done,
+            "daemon_ready_s": ready_ev[0].get("elapsed_seconds") if ready_ev else None,
+            "copied_bytes": st["copied_bytes"], "zeroed_bytes": st["zeroed_bytes"],
+            "target_allocated": allocated(tgt)}
+
+
+def timed_cp(src: str, dst: str, sparse: bool, fsync: bool) -> float:
+    drop(dst)
+    cmd = ["cp", "--sparse=always" if sparse else "--sparse=auto", src, dst]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    if fsync:
+        fsync_path(dst)
+    return time.perf_counter() - t0
+
+
+def settle() -> None:
+    """Between timed copies: write back what the last one left dirty, so that one rep's
+    write-back does not land in the next one's time."""
+    subprocess.run(["sync"], check=False)
+    time.sleep(0.5)
+
+
+def copier_case(reaper: Reaper, base: str, label: str, src: str, sparse: bool,
+                reps: int) -> dict[str, Any]:
+    dst = os.path.join(base, f"{label}-cp.img")
+    tgt = os.path.join(base, f"{label}-tgt.img")
+    mnt = os.path.join(base, f"mnt-{label}")
+    os.makedirs(mnt, exist_ok=True)
+    with open(src, "rb") as f:  # page cache hot, as in QEMU's numbers
+        while f.read(16 * MiB):
+            pass
+    runs: dict[str, list[Any]] = {"cp": [], "cp_fsync": [], "mirrorfs": []}
+    cp_alloc = None
+    def cp_plain() -> None:
+        runs["cp"].append(timed_cp(src, dst, sparse, fsync=False))
+        drop(dst)
+
+    def cp_fsync() -> None:
+        nonlocal cp_alloc
+        runs["cp_fsync"].append(timed_cp(src, dst, sparse, fsync=True))
+        cp_alloc = allocated(dst)
+        drop(dst)
+
+    def mirror() -> None:
+        runs["mirrorfs"].append(timed_mirror(reaper, src, tgt, mnt))
+        drop(tgt)
+
+    order = [cp_plain, cp_fsync, mirror]
+    warm = allocated(src) * 3 // 2 + GiB // 4
+    for i in range(reps):
+        log(f"copier: {label}: rep {i + 1}/{reps}")
+        for fn in order[i % 3:] + order[:i % 3]:  # rotated: no contender always goes first
+            settle()
+            prefault(warm)
+            fn()
+    med = statistics.median
+    m = runs["mirrorfs"]
+    best = {"cp_s": min(runs["cp"]), "cp_fsync_s": min(runs["cp_fsync"]),
+            "ready_s": min(r["ready_s"] for r in m),
+            "completed_s": min(r["completed_s"] for r in m)}
+    out = {
+        "size": os.stat(src).st_size,
+        "source_allocated": allocated(src),
+        "cp_allocated": cp_alloc,
+        "target_allocated": m[-1]["target_allocated"],
+        "cp_s": med(runs["cp"]),
+        "cp_fsync_s": med(runs["cp_fsync"]),
+        "mount_s": med(r["mounted_s"] for r in m),
+        "ready_s": med(r["ready_s"] for r in m),
+        "completed_s": med(r["completed_s"] for r in m),
+        "daemon_ready_s": med(r["daemon_ready_s"] for r in m if r["daemon_ready_s"] is not None)
+        if any(r["daemon_ready_s"] is not None for r in m) else None,
+        "best": best,
+        "runs": runs,
+    }
+    out["speed_ready_vs_cp"] = out["cp_s"] / out["ready_s"]
+    out["speed_completed_vs_cp_fsync"] = out["cp_fsync_s"] / out["completed_s"]
+    out["time_ready_vs_cp"] = out["ready_s"] / out["cp_s"]
+    out["time_completed_vs_cp_fsync"] = out["completed_s"] / out["cp_fsync_s"]
+    return out
+
+
+def section_copier(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str, Any]:
+    res: dict[str, Any] = {"dir": base, "fs": fs_type(base), "reps": cfg.reps}
+    full = os.path.join(base, "full.img")
+    log(f"copier: creating a fully allocated {cfg.copy_size // MiB} MiB image in {base}")
+    make_random_file(full, cfg.copy_size)
+    try:
+        res["full"] = copier_case(reaper, base, "full", full, sparse=False, reps=cfg.reps)
+    finally:
+        drop(full)
+    sparse = os.path.join(base, "sparse.img")
+    log(f"copier: creating a {cfg.sparse_size // GiB} GiB sparse image with "
+        f"{cfg.sparse_data // MiB} MiB of data")
+    n = make_sparse_file(sparse, cfg.sparse_size, cfg.sparse_data)
+    try:
+        res["sparse"] = copier_case(reaper, base, "sparse", sparse, sparse=True, reps=cfg.reps)
+        res["sparse"]["extents"] = n
+    finally:
+        drop(sparse)
+    return res
+
+
+# ====================================================================== section 3: write-blocking
+def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
+               src: str | None) -> dict[str, Any]:
+    size, runtime, ramp = cfg.fio_size, cfg.runtime, cfg.ramp
+    res: dict[str, Any] = {"dir": base, "fs": fs_type(base), "cases": {}}
+    raw = os.path.join(base, "wb-raw.img")
+    bg_src, bg_tgt = os.path.join(base, "wb-bg.img"), os.path.join(base, "wb-bg-tgt.img")
+    wb_src, wb_tgt = os.path.join(base, "wb-wb.img"), os.path.join(base, "wb-wb-tgt.img")
+    mnt_bg, mnt_wb = os.path.join(base, "mnt-bg"), os.path.join(base, "mnt-wb")
+    for d in (mnt_bg, mnt_wb):
+        os.makedirs(d, exist_ok=True)
+    if src and os.path.exists(src):
+        os.rename(src, raw)
+    else:
+        make_random_file(raw, size)
+    shutil.copyfile(raw, bg_src)
+    shutil.copyfile(raw, wb_src)
+    try:
+        mount_mirrorfs(reaper, bg_src, bg_tgt, mnt_bg)
+        mount_mirrorfs(reaper, wb_src, wb_tgt, mnt_wb, "--copy-mode", "write-blocking")
+        bg, wb = CtlPoller(mnt_bg), CtlPoller(mnt_wb)
+        try:
+            bg.wait(("ready",), 300, quiet=True)
+            wb.wait(("ready",), 300, quiet=True)
+            for case in cfg.wb_cases:
+                row: dict[str, Any] = {}
+                log(f"wb: {case[0]}: raw")
+                row["raw"] = run_fio(raw, case, size, runtime, ramp)
+                log(f"wb: {case[0]}: background")
+                bg.wait(("ready",), 120, quiet=True)
+                row["background"] = run_fio(os.path.join(mnt_bg, os.path.basename(bg_src)),
+                                            case, size, runtime, ramp)
+                log(f"wb: {case[0]}: write-blocking")
+                wb.wait(("ready",), 120, quiet=True)
+                row["write_blocking"] = run_fio(os.path.join(mnt_wb, os.path.basename(wb_src)),
+                                                case, size, runtime, ramp)
+                st = wb.read()
+                row["write_blocking"]["active_bytes"] = st["active_bytes"]
+                res["cases"][case[0]] = row
+        finally:
+            bg.close()
+            wb.close()
+    finally:
+        umount_mirrorfs(reaper, mnt_bg)
+        umount_mirrorfs(reaper, mnt_wb)
+        for p in (raw, bg_src, bg_tgt, wb_src, wb_tgt):
+            drop(p)
+    return res
+
+
+# ====================================================================== section 4: memory
+def section_mem(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str, Any]:
+    res: dict[str, Any] = {"dir": base, "fs": fs_type(base), "granularity": "64K (default)"}
+    mnt = os.path.join(base, "mnt-mem")
+    os.makedirs(mnt, exist_ok=True)
+    runs: list[tuple[str, int, tuple[str, ...]]] = [("baseline_1M", MiB, ()),
+                                                    ("sparse_16T", 16 * TiB, ())]
+    helptext = subprocess.run([MIRRORFS, "mount", "--help"], capture_output=True,
+                              text=True).stdout
+    if "--no-state" in helptext:  # what the state file costs, where it can be turned off
+        runs.append(("sparse_16T_no_state", 16 * TiB, ("--no-state",)))
+    for label, size, opts in runs:
+        src, tgt = os.path.join(base, f"mem-{label}.img"), os.path.join(base, f"mem-{label}-t.img")
+        with open(src, "wb") as f:
+            f.truncate(size)
+        try:
+            t0 = time.perf_counter()
+            st = mount_mirrorfs(reaper, src, tgt, mnt, *opts)
+            pid = int(st["pid"])
+            after_mount = proc_status(pid)
+            poller = CtlPoller(mnt)
+            try:
+                poller.wait(("ready",), 600)
+                t_ready = time.perf_counter() - t0
+            finally:
+                poller.close()
+            at_ready = proc_status(pid)
+            res[label] = {
+                "size": size,
+                "ready_s": t_ready,
+                "after_mount_kib": after_mount,
+                "at_ready_kib": at_ready,
+                "hwm_mib": at_ready["VmHWM"] / 1024,
+                "target_allocated": allocated(tgt),
+            }
+            log(f"mem: {label}: VmHWM {at_ready['VmHWM'] / 1024:.1f} MiB, ready in "
+                f"{t_ready:.2f} s")
+        finally:
+            umount_mirrorfs(reaper, mnt)
+            drop(src)
+            drop(tgt)
+    return res
+
+
+# ====================================================================== report
+def _fmt(v: float | None, nd: int = 0) -> str:
+    if v is None:
+        return "-"
+    if nd == 0:
+        return f"{v:,.0f}"
+    return f"{v:.{nd}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    lines: list[str] = []
+    checks: dict[str, Any] = {}
+    env = results["env"]
+    mode = "quick" if results["quick"] else "full"
+    lines.append(f"mirrorfs benchmark {results['timestamp']}  ({mode})"
+                 f"  commit {env.get('commit')}"
+                 f"{' + uncommitted mirrorfs/ changes' if env.get('mirrorfs_uncommitted') else ''}"
+                 f"  kernel {env['kernel']}  {env['cpus']} CPUs  fio {env.get('fio')}")
+    mod = env.get("mirrorfs_module") or ""
+    if mod and not mod.startswith(REPO + os.sep):
+        lines.append(f"NOTE: benchmarking mirrorfs from {mod} (not this checkout)")
+    s = results.get("fio")
+    if s and "cases" in s:
+        lines.append("")
+        reps = results["env"].get("fio_reps", 1)
+        lines.append(f"1. fio, libaio, {s['image_bytes'] // MiB} MiB image on {s['fs']}, "
+                     f"{s['runtime_s']} s (+{s['ramp_s']} s ramp) per run"
+                     f"{f', median of {reps}' if reps > 1 else ''}; MiB/s for 1M, IOPS for 4K")
+        lines.append(f"   qsd = {s.get('qsd')} FUSE export; during-copy = fresh job per case, "
+                     f"--speed {s['during_copy_speed_bytes_s'] // MiB}M (copy ~1.5x the run)")
+        hdr = (f"   {'case':<26}{'raw':>10}{'qsd':>10}{'mfs-idle':>10}{'mfs-copy':>10}"
+               f"{'idle/qsd':>10}{'copy/idle':>10}  copying@end  cpu s qsd/idle/copy")
+        lines.append(hdr)
+        worst_q, worst_c = [], []
+        for case in FIO_CASES:
+            row = s["cases"].get(case[0])
+            if not row:
+                continue
+            raw, q, i, c = (metric(case, row.get(k)) for k in ("raw", "qsd", "idle", "copy"))
+            iq, ci = _ratio(i, q), _ratio(c, i)
+            if iq is not None:
+                worst_q.append(iq)
+            if ci is not None:
+                worst_c.append(ci)
+            cp = row.get("copy", {})
+            running = cp.get("copy_running_at_end")
+            cpu = "/".join(_fmt(row.get(k, {}).get("server_cpu_s"), 1)
+                           for k in ("qsd", "idle", "copy"))
+            lines.append(f"   {case[0]:<26}{_fmt(raw):>10}{_fmt(q):>10}{_fmt(i):>10}{_fmt(c):>10}"
+                         f"{_fmt(iq, 2):>10}{_fmt(ci, 2):>10}  "
+                         f"{'yes' if running else 'NO' if running is not None else '-':<11}  {cpu}")
+            row["ratio_idle_vs_qsd"] = iq
+            row["ratio_copy_vs_idle"] = ci
+        checks["idle_vs_qsd_min"] = min(worst_q) if worst_q else None
+        checks["copy_vs_idle_min"] = min(worst_c) if worst_c else None
+    s = results.get("copier")
+    if s and "full" in s:
+        lines.append("")
+        lines.append(f"2. copier on {s['fs']}, medians of {s['reps']} (then the best runs), "
+                     "source page-cache hot, seconds")
+        lines.append(f"   {'image':<44}{'cp':>8}{'cp+fsync':>10}{'mount':>8}{'ready':>8}"
+                     f"{'complete':>10}{'cp/ready':>10}{'cpfs/compl':>11}")
+        for key, title in (("full", "full"), ("sparse", "sparse")):
+            c = s.get(key)
+            if not c:
+                continue
+            if key == "full":
+                title = f"{c['size'] // MiB} MiB allocated"
+            else:
+                title = (f"{c['size'] // GiB} GiB sparse, {c['source_allocated'] // MiB} MiB "
+                         "data (cp --sparse=always)")
+            lines.append(f"   {title:<44}{c['cp_s']:>8.3f}{c['cp_fsync_s']:>10.3f}"
+                         f"{c['mount_s']:>8.3f}{c['ready_s']:>8.3f}{c['completed_s']:>10.3f}"
+                         f"{c['speed_ready_vs_cp']:>10.2f}{c['speed_completed_vs_cp_fsync']:>11.2f}")
+        for key in ("full", "sparse"):
+            c = s.get(key)
+            if c and c.get("best"):
+                b = c["best"]
+                lines.append(f"   {'  best of ' + str(s['reps']):<44}{b['cp_s']:>8.3f}"
+                             f"{b['cp_fsync_s']:>10.3f}{'':>8}{b['ready_s']:>8.3f}"
+                             f"{b['completed_s']:>10.3f}{b['cp_s'] / b['ready_s']:>10.2f}"
+                             f"{b['cp_fsync_s'] / b['completed_s']:>11.2f}   ({key})")
+        f, sp = s["full"], s.get("sparse")
+        lines.append(f"   daemon-internal start->ready: full {_fmt(f['daemon_ready_s'], 3)} s"
+                     + (f", sparse {_fmt(sp['daemon_ready_s'], 3)} s" if sp else ""))
+        if sp:
+            lines.append(f"   sparse allocated: source {sp['source_allocated'] / MiB:.1f} MiB, "
+                         f"mirrorfs target {sp['target_allocated'] / MiB:.1f} MiB, "
+                         f"cp target {(sp['cp_allocated'] or 0) / MiB:.1f} MiB")
+            checks["sparse_time_vs_cp_max"] = sp["time_ready_vs_cp"]
+            checks["sparse_completed_vs_cp_fsync"] = sp["time_completed_vs_cp_fsync"]
+        checks["copier_speed_vs_cp_min"] = f["speed_ready_vs_cp"]
+        checks["copier_completed_speed_vs_cp_fsync"] = f["speed_completed_vs_cp_fsync"]
+    s = results.get("wb")
+    if s and "cases" in s:
+        lines.append("")
+        lines.append(f"3. write-blocking cost on {s['fs']}: fio throughput and completion "
+                     "latency (clat)")
+        lines.append(f"   {'case':<26}{'job':<16}{'throughput':>18}{'p50 us':>10}{'p99 us':>10}"
+                     f"{'vs raw':>8}")
+        for case in WB_CASES:
+            row = s["cases"].get(case[0])
+            if not row:
+                continue
+            unit = "MiB/s" if case[2] == "1M" else "IOPS"
+            base = metric(case, row.get("raw"))
+            for k, label in (("raw", "raw file"), ("background", "ready, background"),
+                             ("write_blocking", "ready, wr-block")):
+                r = row.get(k)
+                if not r:
+                    continue
+                v = metric(case, r)
+                lines.append(f"   {case[0] if k == 'raw' else '':<26}{label:<16}"
+                             f"{_fmt(v) + ' ' + unit:>18}{_fmt(r['clat_p50_us']):>10}"
+                             f"{_fmt(r['clat_p99_us']):>10}{_fmt(_ratio(v, base), 2):>8}")
+            wbbg = _ratio(metric(case, row.get("write_blocking")),
+                          metric(case, row.get("background")))
+            row["ratio_wb_vs_bg"] = wbbg
+            lines.append(f"   {'':<26}{'wr-block/bg':<16}{_fmt(wbbg, 2):>18}")
+    s = results.get("mem")
+    if s and "sparse_16T" in s:
+        lines.append("")
+        m, b = s["sparse_16T"], s.get("baseline_1M")
+        lines.append(f"4. daemon memory, 16 TiB all-hole image on {s['fs']}, granularity 64K")
+        lines.append(f"   after mount: VmHWM {m['after_mount_kib']['VmHWM'] / 1024:.1f} MiB "
+                     f"(VmRSS {m['after_mount_kib']['VmRSS'] / 1024:.1f});  at ready: VmHWM "
+                     f"{m['at_ready_kib']['VmHWM'] / 1024:.1f} MiB (VmRSS "
+                     f"{m['at_ready_kib']['VmRSS'] / 1024:.1f});  ready in {m['ready_s']:.2f} s;"
+                     f"  target allocated {m['target_allocated'] // KiB} KiB")
+        if b:
+            lines.append(f"   baseline (1 MiB image): VmHWM {b['at_ready_kib']['VmHWM'] / 1024:.1f}"
+                         " MiB")
+        ns = s.get("sparse_16T_no_state")
+        if ns:
+            k = ns["at_ready_kib"]
+            lines.append(f"   16 TiB with --no-state: VmHWM {k['VmHWM'] / 1024:.1f} MiB "
+                         f"(VmRSS {k['VmRSS'] / 1024:.1f})")
+        checks["rss_16t_max_mib"] = m["hwm_mib"]
+    lines.append("")
+    lines.append("targets:")
+    verdicts = {}
+    for key, want in TARGETS.items():
+        got = checks.get(key)
+        if got is None:
+            verdict = "n/a"
+        elif key.endswith("_min"):
+            verdict = "ok" if got >= want else "MISSED"
+        else:
+            verdict = "ok" if got <= want else "MISSED"
+        verdicts[key] = {"value": got, "target": want, "verdict": verdict}
+        op = ">=" if key.endswith("_min") else "<="
+        lines.append(f"   {key:<28} {_fmt(got, 2):>8}  (want {op} {want})  {verdict}")
+    for key in ("copier_completed_speed_vs_cp_fsync", "sparse_completed_vs_cp_fsync"):
+        if checks.get(key) is not None:
+            lines.append(f"   {key:<36} {checks[key]:.2f}  (informational)")
+    if results.get("errors"):
+        lines.append("")
+        lines.append("errors:")
+        for sec, err in results["errors"].items():
+            lines.append(f"   {sec}: {err}")
+    return "\n".join(lines), {"checks": checks, "targets": verdicts}
+
+
+# ====================================================================== main
+def environment(cfg: argparse.Namespace) -> dict[str, Any]:
+    def out(cmd: list[str], cwd: str = REPO) -> str | None:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True,
+                                  cwd=cwd).stdout.strip().split("\n")[0] or None
+        except OSError:
+            return None
+
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "fio": out(["fio", "--version"]),
+        "commit": out(["git", "rev-parse", "--short", "HEAD"]),
+        "mirrorfs_uncommitted": subprocess.run(
+            ["git", "status", "--porcelain", "mirrorfs"], capture_output=True, text=True,
+            cwd=REPO).stdout.split("\n")[:-1],
+        "mirrorfs_module": out([os.path.join(VENV_BIN, "python"), "-c",
+                                "import mirrorfs; print(mirrorfs.__file__)"], cwd=os.getcwd()),
+        "argv": sys.argv,
+        "free_page_reporting": os.path.exists("/sys/module/page_reporting"),
+        "fio_dir": cfg.fio_dir,
+        "fio_reps": cfg.fio_reps,
+        "copy_dir": cfg.copy_dir,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 256 MiB images, 2 s fio runs, 1 rep")
+    ap.add_argument("--only", default="fio,copier,wb,mem",
+                    help="comma-separated sections to run (fio,copier,wb,mem)")
+    ap.add_argument("--cases", default="",
+                    help="comma-separated substrings: run only the fio cases whose name "
+                         "contains one (e.g. 'rand write,seq read 1M direct')")
+    ap.add_argument("--fio-dir", default="/dev/shm",
+                    help="where fio's images live (default /dev/shm: tmpfs)")
+    ap.add_argument("--copy-dir", default="/tmp",
+                    help="where the copier's images live (default /tmp: the root disk)")
+    ap.add_argument("--copy-speed", type=int, default=0,
+                    help="bytes/s for the during-copy job (default: ~1.5x fio's run)")
+    ap.add_argument("--runtime", type=int, help="fio seconds per run (after ramp)")
+    ap.add_argument("--reps", type=int, help="copier repetitions (medians are reported)")
+    ap.add_argument("--fio-reps", type=int, default=1,
+                    help="fio repetitions of each case x target, interleaved (median run "
+                         "reported; default 1)")
+    ap.add_argument("--out", help="JSON output path (default bench-results/bench-<ts>.json)")
+    a = ap.parse_args()
+    if a.quick:
+        a.fio_size, a.copy_size = 256 * MiB, 256 * MiB
+        a.sparse_size, a.sparse_data = 8 * GiB, 64 * MiB
+        a.runtime = a.runtime or 2
+        a.ramp = 0
+        a.reps = a.reps or 1
+    else:
+        a.fio_size, a.copy_size = 1 * GiB, 1 * GiB
+        a.sparse_size, a.sparse_data = 64 * GiB, 512 * MiB
+        a.runtime = a.runtime or 5
+        a.ramp = 1
+        a.reps = a.reps or 5
+    a.sections = [x.strip() for x in a.only.split(",") if x.strip()]
+    pats = [x.strip() for x in a.cases.split(",") if x.strip()]
+    a.fio_cases = [c for c in FIO_CASES if not pats or any(p in c[0] for p in pats)]
+    a.wb_cases = [c for c in WB_CASES if not pats or any(p in c[0] for p in pats)]
+    bad = set(a.sections) - {"fio", "copier", "wb", "mem"}
+    if bad:
+        ap.error(f"unknown sections: {', '.join(sorted(bad))}")
+    return a
+
+
+def preflight() -> None:
+    missing = [x for x in ("fio", "fusermount3", "cp") if not shutil.which(x)]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (run ./scripts/setup.sh)")
+    if not os.access(MIRRORFS, os.X_OK):
+        raise BenchError(f"{MIRRORFS} not found (run ./scripts/setup.sh)")
+
+
+def main() -> int:
+    cfg = parse_args()
+    preflight()
+    ts = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results: dict[str, Any] = {"timestamp": ts, "quick": cfg.quick, "env": environment(cfg),
+                               "errors": {}}
+    reaper = Reaper()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (&)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    t_start = time.monotonic()
+    interrupted = False
+    try:
+        fio_dir = tempfile.mkdtemp(prefix="mirrorfs-bench-", dir=cfg.fio_dir)
+        reaper.dirs.append(fio_dir)
+        copy_dir = tempfile.mkdtemp(prefix="mirrorfs-bench-", dir=cfg.copy_dir)
+        reaper.dirs.append(copy_dir)
+        keep_src = None
+        for sec in ("fio", "wb", "copier", "mem"):  # wb reuses fio's image
+            if sec not in cfg.sections:
+                continue
+            log(f"=== section {sec}")
+            t0 = time.monotonic()
+            try:
+                if sec == "fio":
+                    results["fio"] = section_fio(cfg, reaper, fio_dir)
+                    keep_src = results["fio"].pop("_keep_copy_src", None)
+                elif sec == "wb":
+                    results["wb"] = section_wb(cfg, reaper, fio_dir, keep_src)
+                elif sec == "copier":
+                    results["copier"] = section_copier(cfg, reaper, copy_dir)
+                elif sec == "mem":
+                    results["mem"] = section_mem(cfg, reaper, fio_dir)
+                if results.get(sec, {}).get("errors"):
+                    results["errors"][sec] = results[sec]["errors"]
+            except BenchError as e:
+                log(f"section {sec} failed: {e}")
+                results["errors"][sec] = str(e)
+            except Exception as e:
+                log(f"section {sec} failed:\n{traceback.format_exc()}")
+                results["errors"][sec] = f"{type(e).__name__}: {e}"
+            finally:
+                for mnt in list(reaper.mounts):  # nothing outlives its section
+                    umount_mirrorfs(reaper, mnt)
+                results.setdefault("section_seconds", {})[sec] = round(time.monotonic() - t0, 1)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up")
+        results["errors"]["interrupted"] = True
+    finally:
+        reaper.cleanup()
+    results["total_seconds"] = round(time.monotonic() - t_start, 1)
+    text, summary = report(results)
+    results.update(summary)
+    out = cfg.out or os.path.join(REPO, "bench-results", f"bench-{ts}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(text)
+    print(f"\ntotal {results['total_seconds']} s; JSON: {out}")
+    print(json.dumps(results, default=str, separators=(",", ":")))
+    if interrupted:
+        return 130
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
