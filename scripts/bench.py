@@ -18,7 +18,8 @@ anything (the machine is shared and noisy). Sections:
          default, --copy-dir: fsync means something there; on tmpfs it is a no-op).
  3. wb   write-blocking's cost: fio 4 KiB random write qd16 and 1 MiB sequential write on
          the raw file, mirrorfs ready in background mode, mirrorfs ready in write-blocking
-         mode; throughput and p50/p99 completion latency.
+         mode; throughput and p50/p99 completion latency. Also background mode with
+         --no-state: the state file's activity log's cost on guest writes.
  4. mem  the daemon's VmHWM for a 16 TiB all-hole image (tmpfs: ext4 caps files at
          16 TiB - 4 KiB) at the default granularity, right after mount and at ready.
 
@@ -656,8 +657,11 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
     raw = os.path.join(base, "wb-raw.img")
     bg_src, bg_tgt = os.path.join(base, "wb-bg.img"), os.path.join(base, "wb-bg-tgt.img")
     wb_src, wb_tgt = os.path.join(base, "wb-wb.img"), os.path.join(base, "wb-wb-tgt.img")
+    # the same background job without a state file: the activity log's cost
+    ns_src, ns_tgt = os.path.join(base, "wb-ns.img"), os.path.join(base, "wb-ns-tgt.img")
     mnt_bg, mnt_wb = os.path.join(base, "mnt-bg"), os.path.join(base, "mnt-wb")
-    for d in (mnt_bg, mnt_wb):
+    mnt_ns = os.path.join(base, "mnt-ns")
+    for d in (mnt_bg, mnt_wb, mnt_ns):
         os.makedirs(d, exist_ok=True)
     if src and os.path.exists(src):
         os.rename(src, raw)
@@ -665,13 +669,16 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
         make_random_file(raw, size)
     shutil.copyfile(raw, bg_src)
     shutil.copyfile(raw, wb_src)
+    shutil.copyfile(raw, ns_src)
     try:
         mount_mirrorfs(reaper, bg_src, bg_tgt, mnt_bg)
         mount_mirrorfs(reaper, wb_src, wb_tgt, mnt_wb, "--copy-mode", "write-blocking")
-        bg, wb = CtlPoller(mnt_bg), CtlPoller(mnt_wb)
+        mount_mirrorfs(reaper, ns_src, ns_tgt, mnt_ns, "--no-state")
+        bg, wb, ns = CtlPoller(mnt_bg), CtlPoller(mnt_wb), CtlPoller(mnt_ns)
         try:
             bg.wait(("ready",), 300, quiet=True)
             wb.wait(("ready",), 300, quiet=True)
+            ns.wait(("ready",), 300, quiet=True)
             for case in cfg.wb_cases:
                 row: dict[str, Any] = {}
                 log(f"wb: {case[0]}: raw")
@@ -686,14 +693,20 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
                                                 case, size, runtime, ramp)
                 st = wb.read()
                 row["write_blocking"]["active_bytes"] = st["active_bytes"]
+                log(f"wb: {case[0]}: background, no state file")
+                ns.wait(("ready",), 120, quiet=True)
+                row["background_no_state"] = run_fio(
+                    os.path.join(mnt_ns, os.path.basename(ns_src)), case, size, runtime, ramp)
                 res["cases"][case[0]] = row
         finally:
             bg.close()
             wb.close()
+            ns.close()
     finally:
         umount_mirrorfs(reaper, mnt_bg)
         umount_mirrorfs(reaper, mnt_wb)
-        for p in (raw, bg_src, bg_tgt, wb_src, wb_tgt):
+        umount_mirrorfs(reaper, mnt_ns)
+        for p in (raw, bg_src, bg_tgt, wb_src, wb_tgt, ns_src, ns_tgt):
             drop(p)
     return res
 
@@ -853,7 +866,8 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             unit = "MiB/s" if case[2] == "1M" else "IOPS"
             base = metric(case, row.get("raw"))
             for k, label in (("raw", "raw file"), ("background", "ready, background"),
-                             ("write_blocking", "ready, wr-block")):
+                             ("write_blocking", "ready, wr-block"),
+                             ("background_no_state", "bg, no state")):
                 r = row.get(k)
                 if not r:
                     continue
@@ -865,6 +879,11 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                           metric(case, row.get("background")))
             row["ratio_wb_vs_bg"] = wbbg
             lines.append(f"   {'':<26}{'wr-block/bg':<16}{_fmt(wbbg, 2):>18}")
+            al = _ratio(metric(case, row.get("background")),
+                        metric(case, row.get("background_no_state")))
+            row["ratio_state_vs_no_state"] = al
+            lines.append(f"   {'':<26}{'state/no state':<16}{_fmt(al, 2):>18}"
+                         "   (the activity log's cost)")
     s = results.get("mem")
     if s and "sparse_16T" in s:
         lines.append("")
