@@ -711,6 +711,72 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
     return res
 
 
+# ====================================================================== section 5: NBD
+def section_nbd(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str, Any]:
+    """The copier to an NBD export on loopback (qemu-nbd, Unix socket), against nbdcopy
+    --flush of the same image to the same server."""
+    for exe, pkg in (("qemu-nbd", "qemu-utils"), ("nbdcopy", "libnbd-bin")):
+        if not shutil.which(exe):
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", pkg],
+                           capture_output=True, check=False)
+    size = GiB // 4 if cfg.quick else GiB
+    src, exp = os.path.join(base, "nbd-src.img"), os.path.join(base, "nbd-export.img")
+    sock, mnt = os.path.join(base, "nbd.sock"), os.path.join(base, "mnt-nbd")
+    os.makedirs(mnt, exist_ok=True)
+    make_random_file(src, size)
+    uri = f"nbd+unix:///disk?socket={sock}"
+    res: dict[str, Any] = {"dir": base, "size": size, "mirrorfs_s": [], "nbdcopy_s": []}
+
+    def server() -> subprocess.Popen[bytes]:
+        with open(exp, "wb") as f:
+            f.truncate(size)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-k", sock, exp],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline:
+                p.kill()
+                raise BenchError("qemu-nbd did not start")
+            time.sleep(0.01)
+        return p
+
+    try:
+        for _ in range(1 if cfg.quick else 3):
+            p = server()
+            try:
+                t0 = time.perf_counter()
+                subprocess.run(["nbdcopy", "--flush", src, uri], check=True)
+                res["nbdcopy_s"].append(time.perf_counter() - t0)
+            finally:
+                p.kill()
+                p.wait()
+            p = server()
+            try:
+                t0 = time.perf_counter()
+                mount_mirrorfs(reaper, src, uri, mnt, "--no-state")
+                poller = CtlPoller(mnt)
+                try:
+                    poller.wait(("ready",), 600, quiet=True)
+                    send_ctl(mnt, "complete")  # includes NBD_CMD_FLUSH
+                    poller.wait(("completed",), 600, quiet=True)
+                finally:
+                    poller.close()
+                res["mirrorfs_s"].append(time.perf_counter() - t0)
+                umount_mirrorfs(reaper, mnt)
+            finally:
+                p.kill()
+                p.wait()
+    finally:
+        for f in (src, exp):
+            drop(f)
+    res["mirrorfs_median_s"] = statistics.median(res["mirrorfs_s"])
+    res["nbdcopy_median_s"] = statistics.median(res["nbdcopy_s"])
+    res["time_vs_nbdcopy"] = res["mirrorfs_median_s"] / res["nbdcopy_median_s"]
+    return res
+
+
 # ====================================================================== section 4: memory
 def section_mem(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str, Any]:
     res: dict[str, Any] = {"dir": base, "fs": fs_type(base), "granularity": "64K (default)"}
@@ -884,6 +950,13 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             row["ratio_state_vs_no_state"] = al
             lines.append(f"   {'':<26}{'state/no state':<16}{_fmt(al, 2):>18}"
                          "   (the activity log's cost)")
+    s = results.get("nbd")
+    if s and "time_vs_nbdcopy" in s:
+        lines.append("")
+        lines.append(f"5. copier to an NBD export (qemu-nbd, Unix socket), {s['size'] >> 20} MiB:")
+        lines.append(f"   nbdcopy --flush {s['nbdcopy_median_s']:.2f} s; mirrorfs mount -> "
+                     f"completed (flush) {s['mirrorfs_median_s']:.2f} s; "
+                     f"time ratio {s['time_vs_nbdcopy']:.2f}")
     s = results.get("mem")
     if s and "sparse_16T" in s:
         lines.append("")
@@ -960,7 +1033,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 256 MiB images, 2 s fio runs, 1 rep")
-    ap.add_argument("--only", default="fio,copier,wb,mem",
+    ap.add_argument("--only", default="fio,copier,wb,mem,nbd",
                     help="comma-separated sections to run (fio,copier,wb,mem)")
     ap.add_argument("--cases", default="",
                     help="comma-separated substrings: run only the fio cases whose name "
@@ -994,7 +1067,7 @@ def parse_args() -> argparse.Namespace:
     pats = [x.strip() for x in a.cases.split(",") if x.strip()]
     a.fio_cases = [c for c in FIO_CASES if not pats or any(p in c[0] for p in pats)]
     a.wb_cases = [c for c in WB_CASES if not pats or any(p in c[0] for p in pats)]
-    bad = set(a.sections) - {"fio", "copier", "wb", "mem"}
+    bad = set(a.sections) - {"fio", "copier", "wb", "mem", "nbd"}
     if bad:
         ap.error(f"unknown sections: {', '.join(sorted(bad))}")
     return a
@@ -1030,7 +1103,7 @@ def main() -> int:
         copy_dir = tempfile.mkdtemp(prefix="mirrorfs-bench-", dir=cfg.copy_dir)
         reaper.dirs.append(copy_dir)
         keep_src = None
-        for sec in ("fio", "wb", "copier", "mem"):  # wb reuses fio's image
+        for sec in ("fio", "wb", "copier", "mem", "nbd"):  # wb reuses fio's image
             if sec not in cfg.sections:
                 continue
             log(f"=== section {sec}")
@@ -1045,6 +1118,8 @@ def main() -> int:
                     results["copier"] = section_copier(cfg, reaper, copy_dir)
                 elif sec == "mem":
                     results["mem"] = section_mem(cfg, reaper, fio_dir)
+                elif sec == "nbd":
+                    results["nbd"] = section_nbd(cfg, reaper, fio_dir)
                 if results.get(sec, {}).get("errors"):
                     results["errors"][sec] = results[sec]["errors"]
             except BenchError as e:
