@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(fuse3 libfuse3-dev pkg-config fio qemu-utils python3-venv gcc patch util-linux e2fsprogs
+	nbdkit gnutls-bin libnbd-bin
 	${SETUP_EXTRA:-})
 missing=()
 for p in "${APT_PKGS[@]}"; do
