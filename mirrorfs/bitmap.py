@@ -132,6 +132,3 @@ class DirtyBitmap:
         self._bits |= bits
         self._count = self._bits.count(1)
         self._summary.setall(1)  # stale-true is allowed; the search cleans it
-
-    def __len__(self) -> int:
-        return self.nchunks

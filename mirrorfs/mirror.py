@@ -82,7 +82,6 @@ class CopyOp:
     zero: bool  # the source has a hole here: make the target read zeros, read nothing
     done: bool = False
     error: CopyError | None = None
-    data_bytes: int = 0
     zero_bytes: int = 0
     busy: "_Busy | None" = None
 
@@ -135,7 +134,6 @@ class Mirror:
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
         self.active_bytes = 0  # ... of which written by active (write-blocking) writes
-        self.guest_writes = 0
         self.guest_ops = 0  # reads and writes: the copier backs off while this moves
         self._ops_seen = 0
         self._batch_done_at = 0.0
@@ -203,6 +201,7 @@ class Mirror:
 
     async def _change(self, offset: int, length: int, apply: Apply) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
+        self.guest_ops += 1
         persist = self.persist
         while True:
             while self._gate is not None:
@@ -211,7 +210,6 @@ class Mirror:
                 apply(self.serving, offset, offset + length)
                 return
             if self._active:
-                self.guest_writes += 1
                 await self._active_change(offset, length, apply)
                 return
             if persist is None:
@@ -223,12 +221,10 @@ class Mirror:
             # source changes. Then look at the gate again: it may have closed meanwhile.
             await self._log(a, b)
             persist = self.persist
-        self.guest_writes += 1
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain.
         apply(self.source, offset, offset + length)
         self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
-        self.guest_ops += 1
         if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
             self._wakeup.set()
 
@@ -680,10 +676,9 @@ class Mirror:
         if first_error is not None:
             self._on_error(first_error)
         elif self._backoff_s and not self.job.ended:
+            # only the ignore policy backs off: its error is over once a copy succeeds
             self._backoff_s = 0.0
-            if self.cfg.on_source_error is ErrorPolicy.IGNORE or \
-                    self.cfg.on_target_error is ErrorPolicy.IGNORE:
-                self.job.error = None
+            self.job.error = None
         self._wakeup.set()
 
     # ------------------------------------------------------------------ worker thread
@@ -710,7 +705,6 @@ class Mirror:
                     except OSError as e:
                         raise CopyError("source", op.offset, op.length, e) from e
                     op.zero_bytes = self._write_segments(view, op.offset)
-                    op.data_bytes = op.length - op.zero_bytes
                 op.done = True
             except CopyError as e:
                 op.error = e

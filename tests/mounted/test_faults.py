@@ -27,6 +27,7 @@ from conftest import (
     MiB,
     MirrorFactory,
     Mount,
+    alive,
     assert_same,
     make_image,
     mounted,
@@ -44,14 +45,6 @@ from writers import (
 
 SIZE = 24 * MiB
 SMALL = "8m"  # the target's filesystem: a third of the source
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def wait_for(pred: Any, what: str, timeout: float = 30) -> Any:

@@ -27,6 +27,7 @@ from conftest import (
     MiB,
     MirrorFactory,
     Mount,
+    alive,
     assert_same,
     make_image,
     mounted,
@@ -48,14 +49,6 @@ def send(m: Mount, data: bytes) -> int:
         return e.errno or -1
     finally:
         os.close(fd)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def finish(m: Mount, *, want_target_consistent: bool | None = None) -> dict[str, Any]:

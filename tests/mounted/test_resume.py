@@ -12,6 +12,7 @@ from conftest import (
     MiB,
     MirrorFactory,
     Mount,
+    alive,
     assert_same,
     make_image,
     mounted,
@@ -32,13 +33,7 @@ def kill9(m: Mount) -> None:
     assert m.pid
     os.kill(m.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{m.pid}") and time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{m.pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-        except OSError:
-            break
+    while alive(m.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
