@@ -47,6 +47,7 @@ class Image(Protocol):
     def pread(self, length: int, offset: int) -> bytes: ...
     def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
+    def copy_in(self, src: "Image", offset: int, length: int) -> bool: ...
     def fallocate(self, mode: int, offset: int, length: int) -> None: ...
     def next_data(self, offset: int) -> int: ...
     def next_hole(self, offset: int) -> int: ...
@@ -66,6 +67,7 @@ class FileImage:
         self.size = block_device_size(fd) if self.is_block else st.st_size
         self._punch_ok = True  # cleared when the filesystem says it cannot punch holes
         self._seek_ok = not self.is_block
+        self._copy_ok = not self.is_block  # copy_file_range: regular files only
 
     @classmethod
     def open(cls, path: str) -> "FileImage":
@@ -111,6 +113,30 @@ class FileImage:
             n = min(len(ZERO_BLOCK), end - offset)
             self.pwrite(memoryview(ZERO_BLOCK)[:n], offset)
             offset += n
+
+    def copy_in(self, src: Image, offset: int, length: int) -> bool:
+        """Copy bytes [offset, offset + length) of ``src`` to the same place in this file
+        inside the kernel (copy_file_range(2)): no trip through user space, and a shared
+        extent (reflink) on file systems that can. False where the kernel cannot do it
+        (another file system, a device, an NBD source), and from then on; the caller then
+        copies through a buffer. Other errors raise and the caller retries through a buffer,
+        which tells a source error from a target error."""
+        if not self._copy_ok or src.fd < 0 or src.is_block:
+            return False
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                n = os.copy_file_range(src.fd, self.fd, end - pos, pos, pos)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                               errno.EBADF):
+                    self._copy_ok = False
+                    return False
+                raise
+            if n <= 0:  # the source ended early (changed under us): let a buffer do it
+                return False
+            pos += n
+        return True
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """A guest's fallocate(2), passed through (punch hole, zero range, allocate)."""

@@ -129,7 +129,9 @@ class Mirror:
         self._backoff_until = 0.0
         self._cursor = 0
         self._buffers: list[bytearray] = []
-        self._zero_mv = memoryview(ZERO_BLOCK)
+        # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
+        # first refusal, for good.
+        self._kernel_copy = source.fd >= 0 and target.fd >= 0
         # statistics
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
@@ -699,23 +701,26 @@ class Mirror:
                     self._target_zero(op.offset, op.length)
                     op.zero_bytes = op.length
                 else:
-                    view = mv[:op.length]
-                    try:
-                        self.source.pread_into(view, op.offset)
-                    except OSError as e:
-                        raise CopyError("source", op.offset, op.length, e) from e
-                    op.zero_bytes = self._write_segments(view, op.offset)
+                    op.zero_bytes = self._copy_data(op.offset, op.length, mv)
                 op.done = True
             except CopyError as e:
                 op.error = e
                 return
 
-    def _write_segments(self, view: memoryview, offset: int) -> int:
-        """Write what was read, punching where the source has holes (file-system blocks,
-        finer than a chunk: a chunk that is half hole must not become all data on the
-        target). The holes are looked up after the read; a guest write racing it dirties
-        the chunk again, so either answer is safe."""
-        end = offset + len(view)
+    def _copy_data(self, offset: int, length: int, mv: memoryview) -> int:
+        """Copy a data op, punching where the source has holes (file-system blocks, finer
+        than a chunk: a chunk that is half hole must not become all data on the target).
+        Returns the bytes made zero on the target. Holes are looked up after the chunk's
+        bit was cleared; a guest write racing the copy dirties the chunk again, so either
+        answer is safe.
+
+        Between two local files the data goes through the kernel (``_copy_extent``);
+        otherwise it is read whole into the batch's buffer first (one syscall)."""
+        view = mv[:length]
+        kernel = self._kernel_copy
+        if not kernel:
+            self._read_source(view, offset)
+        end = offset + length
         zeros = 0
         pos = offset
         while pos < end:
@@ -726,9 +731,70 @@ class Mirror:
             if data >= end:
                 break
             hole = min(self.source.next_hole(data), end)
-            zeros += self._write_out(view[data - offset:hole - offset], data)
+            if kernel:
+                zeros += self._copy_extent(data, hole, mv)
+            else:
+                zeros += self._write_out(view[data - offset:hole - offset], data)
             pos = hole
         return zeros
+
+    def _read_source(self, view: memoryview, offset: int) -> None:
+        try:
+            self.source.pread_into(view, offset)
+        except OSError as e:
+            raise CopyError("source", offset, len(view), e) from e
+
+    def _copy_extent(self, lo: int, hi: int, mv: memoryview) -> int:
+        """Copy source data [lo, hi) to the target in the kernel, turning all-zero chunks
+        into holes. A chunk whose first bytes are not zero is data, known from a 16-byte
+        read; only a chunk that starts with zeros is read whole to be sure. Returns the bytes
+        made zero."""
+        g = self.cfg.granularity
+        zeros = 0
+        start, start_zero = lo, False
+        pos = lo
+        while pos < hi:
+            nxt = min((pos // g + 1) * g, hi)
+            is_zero = self._source_zero(pos, nxt, mv)
+            if pos > start and is_zero != start_zero:
+                zeros += self._flush_run(start, pos, start_zero, mv)
+                start = pos
+            start_zero = is_zero
+            pos = nxt
+        return zeros + self._flush_run(start, hi, start_zero, mv)
+
+    def _source_zero(self, lo: int, hi: int, mv: memoryview) -> bool:
+        head = mv[:min(16, hi - lo)]
+        self._read_source(head, lo)
+        if head.tobytes() != ZERO_BLOCK[:len(head)]:
+            return False
+        view = mv[:hi - lo]
+        self._read_source(view, lo)
+        return self._is_zero(view, 0, hi - lo)
+
+    def _flush_run(self, lo: int, hi: int, zero: bool, mv: memoryview) -> int:
+        if zero:
+            self._target_zero(lo, hi - lo)
+            return hi - lo
+        try:
+            if self.target.copy_in(self.source, lo, hi - lo):
+                return 0
+            self._kernel_copy = False  # not between these two: buffers from now on
+        except OSError:
+            pass  # through the buffer again: a failing read or write names its side
+        pos = lo
+        while pos < hi:
+            n = min(len(mv), hi - pos)
+            self._read_source(mv[:n], pos)
+            self._write_target(mv[:n], pos)
+            pos += n
+        return 0
+
+    def _write_target(self, view: memoryview, offset: int) -> None:
+        try:
+            self.target.pwrite(view, offset)
+        except OSError as e:
+            raise CopyError("target", offset, len(view), e) from e
 
     def _target_zero(self, offset: int, length: int) -> None:
         try:

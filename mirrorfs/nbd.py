@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import cast
 
-from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
 
 Buffer = bytes | bytearray | memoryview
 
@@ -1086,6 +1086,9 @@ class NBDImage:
             raise OSError(errno.EINVAL, f"{self.path}: bad fallocate range")
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             self.write_zeroes(offset, length)
+
+    def copy_in(self, src: Image, offset: int, length: int) -> bool:
+        return False  # no server-side copy from a local file: the copier sends the data
 
     def next_data(self, offset: int) -> int:
         """No hole information over NBD here: everything is data."""

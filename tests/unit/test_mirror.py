@@ -21,13 +21,19 @@ from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 KiB, MiB = 1 << 10, 1 << 20
 
 
+def _never(offset: int, length: int) -> int | None:
+    return None
+
+
 class FaultyImage(FileImage):
     """A FileImage whose pwrite / pread_into / write_zeroes can fail or block on demand."""
 
     def __init__(self, path: str, fd: int) -> None:
         super().__init__(path, fd)
-        self.fail_write: Callable[[int, int], int | None] = lambda off, n: None
-        self.fail_read: Callable[[int, int], int | None] = lambda off, n: None
+        self.fail_write: Callable[[int, int], int | None] = _never
+        self.fail_read: Callable[[int, int], int | None] = _never
+        self.fail_copy: Callable[[int, int], int | None] = _never
+        self.copies: list[tuple[int, int]] = []  # ranges copied by copy_file_range
         self.gate: threading.Event | None = None  # a worker's writes wait for it
         self.writes: list[tuple[int, int]] = []
 
@@ -49,6 +55,18 @@ class FaultyImage(FileImage):
         if err:
             raise OSError(err, os.strerror(err))
         super().write_zeroes(offset, length)
+
+    def copy_in(self, src: FileImage, offset: int, length: int) -> bool:
+        # Tests that inject read or write faults, or hold writes, get the buffer path, whose
+        # every pread and pwrite they see. fail_copy makes the kernel copy itself fail.
+        err = self.fail_copy(offset, length)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if self.fail_write is not _never or self.gate is not None or (
+                isinstance(src, FaultyImage) and src.fail_read is not _never):
+            return False
+        self.copies.append((offset, length))
+        return super().copy_in(src, offset, length)
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         err = self.fail_read(offset, len(buf))
@@ -202,7 +220,55 @@ async def test_sync_full_punches_holes_and_zero_data(tmp_path: Path) -> None:
     assert same(src, tgt)
     assert os.stat(tgt.path).st_blocks * 512 <= 1 * MiB + 64 * KiB
     assert m.zeroed_bytes >= size - MiB
-    assert all(n <= MiB for _, n in tgt.writes), "zeros were written as data"
+    assert all(n <= MiB for _, n in tgt.writes + tgt.copies), "zeros were written as data"
+
+
+async def test_kernel_copy_keeps_zero_detection(tmp_path: Path) -> None:
+    """Between two files the data goes through copy_file_range; chunks are still told
+    apart by content: one that only starts with zeros is data, an all-zero one a hole."""
+    g = 64 * KiB
+    data = bytearray(os.urandom(4 * MiB))
+    data[0:g] = bytes(g)  # all zeros, allocated: a hole on the target
+    data[g:2 * g] = bytes(g - 1) + b"x"  # zeros up to its last byte: data
+    data[5 * g:7 * g] = bytes(2 * g)
+    src, tgt = make_pair(tmp_path, len(data), data=bytes(data))
+    m = Mirror(src, tgt, cfg(granularity=g))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        m.cancel()
+    assert same(src, tgt)
+    assert tgt.copies and not tgt.writes, "the data did not go through the kernel"
+    assert m.zeroed_bytes == 3 * g
+    assert os.stat(tgt.path).st_blocks * 512 <= len(data) - 3 * g
+    copied = sum(n for _, n in tgt.copies)
+    assert copied == len(data) - 3 * g
+
+
+async def test_a_failing_kernel_copy_falls_back_and_names_the_side(tmp_path: Path) -> None:
+    """copy_file_range failing (EIO: which side?) is retried through the buffer. Where the
+    buffer path works the copy succeeds; where the source cannot be read, that is a source
+    error, under the source's policy."""
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    tgt.fail_copy = lambda off, n: errno.EIO
+    m = Mirror(src, tgt, cfg(on_target_error=ErrorPolicy.REPORT))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        assert m.job.error is None
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt) and tgt.writes and not tgt.copies
+
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    tgt.fail_copy = lambda off, n: errno.EIO
+    src.fail_read = lambda off, n: errno.EIO if off >= MiB and n > 16 else None
+    m = Mirror(src, tgt, cfg(on_source_error=ErrorPolicy.REPORT,
+                             on_target_error=ErrorPolicy.IGNORE))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.FAILED)
+    assert "reading the source" in (m.job.error or "")
 
 
 async def test_sync_none_copies_only_new_writes(tmp_path: Path) -> None:
