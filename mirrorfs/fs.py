@@ -194,7 +194,7 @@ class MirrorOperations(pyfuse3.Operations):
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         h = self._handle(fh)
         if h.inode == IMAGE:
-            return self._m.read(off, size)
+            return await self._m.read(off, size)
         if h.inode == CTL:
             if off == 0:  # a new read from the start (e.g. pread polling): fresh snapshot
                 h.snapshot = render_status(self._m.status())
@@ -248,7 +248,7 @@ class MirrorOperations(pyfuse3.Operations):
         if changes:
             await self._m.fallocate(mode, offset, length)
         else:  # plain allocation: the content does not change, nothing to mirror
-            self._m.serving.fallocate(mode, offset, min(length, self._m.size - offset))
+            await self._m.allocate(mode, offset, length)
 
     @_guard
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:

@@ -68,6 +68,7 @@ class FileImage:
         self._punch_ok = True  # cleared when the filesystem says it cannot punch holes
         self._seek_ok = not self.is_block
         self._copy_ok = not self.is_block  # copy_file_range: regular files only
+        self._hole_hint = (0, 0)  # (offset, the hole SEEK_HOLE found from it)
 
     @classmethod
     def open(cls, path: str) -> "FileImage":
@@ -158,14 +159,27 @@ class FileImage:
             raise
 
     def next_hole(self, offset: int) -> int:
+        """Offset of the first hole at or after ``offset`` (``size`` at the end).
+
+        tmpfs answers SEEK_HOLE by walking page by page to the hole, so a copier asking
+        once per op from inside a fully allocated file would cost O(size) each time. The
+        last answer is reused for offsets it covers: it can only be stale by calling data
+        what has since become a hole (a guest's punch), which is safe (the copy reads
+        zeros and zero detection keeps the target sparse). Data that fills a hole is found
+        by the caller's fresh SEEK_DATA, never through this hint."""
         if not self._seek_ok:
             return self.size
+        start, hole = self._hole_hint
+        if start <= offset < hole:
+            return hole
         try:
-            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError as e:
             if e.errno in (errno.ENXIO, errno.EINVAL):
                 return self.size
             raise
+        self._hole_hint = (offset, hole)  # one tuple: threads see the old or the new one
+        return hole
 
     def data_extents(self) -> list[tuple[int, int]]:
         """The allocated extents [start, end), via SEEK_DATA/SEEK_HOLE (one, for a device)."""

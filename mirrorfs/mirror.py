@@ -14,16 +14,20 @@ Invariants (see DOMAIN.md), kept where the comments say:
  6. A target error never becomes a guest I/O error.
 
 Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``,
-which a worker thread runs for a batch of copy operations. Guest I/O is done inline (a
-syscall on a page-cache file costs microseconds; a thread round trip costs 100).
+which a worker thread runs for a batch of copy operations to a local target. Guest I/O to
+files is done inline (a syscall on a page-cache file costs microseconds; a thread round trip
+costs 100). An NBD target is a trio-native client: guest writes to it are awaited on the trio
+thread, and a copy batch to it reads the source in one worker-thread call, then sends its
+ops as concurrent tasks, which the client pipelines on one connection.
 """
 
 import dataclasses
+import errno
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import trio
 from bitarray import bitarray
@@ -31,6 +35,7 @@ from bitarray import bitarray
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
+from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
 from mirrorfs.state import ActivityLog, remove_quietly
@@ -40,7 +45,60 @@ log = logging.getLogger(__name__)
 KiB, MiB = 1 << 10, 1 << 20
 
 RunSync = Callable[..., Awaitable[Any]]
-Apply = Callable[[Image, int, int], None]  # change bytes [lo, hi) of an image
+_T = TypeVar("_T")
+Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD export (async)
+Segment = tuple[int, int, memoryview | None]  # offset, length, data (None: make it zeros)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Write:
+    """A guest's write, to be applied to one or more images, in parts [lo, hi)."""
+
+    offset: int
+    data: memoryview
+
+    def local(self, img: Image, lo: int, hi: int) -> None:
+        img.pwrite(self.data[lo - self.offset:hi - self.offset], lo)
+
+    async def remote(self, img: NBDImage, lo: int, hi: int) -> None:
+        await img.pwrite(self.data[lo - self.offset:hi - self.offset], lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fallocate:
+    """A guest's punch-hole or zero-range."""
+
+    mode: int
+
+    def local(self, img: Image, lo: int, hi: int) -> None:
+        img.fallocate(self.mode, lo, hi - lo)
+
+    async def remote(self, img: NBDImage, lo: int, hi: int) -> None:
+        await img.fallocate(self.mode, lo, hi - lo)
+
+
+Change = _Write | _Fallocate
+
+
+async def _apply(img: Target, change: Change, lo: int, hi: int) -> None:
+    if isinstance(img, NBDImage):
+        await _retried(img, lambda: change.remote(img, lo, hi))
+    else:
+        change.local(img, lo, hi)
+
+
+async def _retried(img: NBDImage, call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call``, and once more on a new connection if the connection was lost. Reads and
+    writes are idempotent, so a request that may or may not have been done can be redone.
+    If the server cannot be reached, the error is the caller's (guest I/O after the pivot:
+    EIO; an active write: the target's error policy)."""
+    try:
+        return await call()
+    except OSError as e:
+        if e.errno != errno.ECONNRESET or img.connected:
+            raise
+    await img.reconnect()
+    return await call()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +155,7 @@ class _Busy:
 
 
 class Mirror:
-    def __init__(self, source: Image, target: Image, cfg: MirrorConfig,
+    def __init__(self, source: Image, target: Target, cfg: MirrorConfig,
                  job: Job | None = None, clock: Callable[[], float] = trio.current_time,
                  pid: int | None = None, run_sync: RunSync | None = None,
                  persist: ActivityLog | None = None, resume: bitarray | None = None,
@@ -112,7 +170,7 @@ class Mirror:
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.pid = pid if pid is not None else os.getpid()
         self.bitmap = DirtyBitmap(self.size, cfg.granularity)
-        self.serving: Image = source
+        self.serving: Target = source
         self.copy_mode = cfg.copy_mode
         self.actively_synced = False
         self.bucket = TokenBucket(cfg.speed, clock())
@@ -129,9 +187,15 @@ class Mirror:
         self._backoff_until = 0.0
         self._cursor = 0
         self._buffers: list[bytearray] = []
+        # A batch to a local target reuses one op-sized buffer; one to NBD holds all its ops'
+        # data at once (they are sent concurrently).
+        self._remote = isinstance(target, NBDImage)
+        self._buf_bytes = max(cfg.max_op_bytes, cfg.granularity) + (
+            cfg.batch_bytes if self._remote else 0)
         # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
         # first refusal, for good.
-        self._kernel_copy = source.fd >= 0 and target.fd >= 0
+        self._kernel_copy = not isinstance(target, NBDImage) and source.fd >= 0 \
+            and target.fd >= 0
         # statistics
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
@@ -177,17 +241,15 @@ class Mirror:
         return self.copy_mode is CopyMode.WRITE_BLOCKING or self.job.state in (
             State.COMPLETING, State.CANCELLING)
 
-    def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes:
         self.guest_ops += 1
-        return self.serving.pread(length, offset)
+        serving = self.serving
+        if isinstance(serving, NBDImage):
+            return await _retried(serving, lambda: serving.pread(length, offset))
+        return serving.pread(length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
-        view = memoryview(data)
-
-        def apply(img: Image, lo: int, hi: int) -> None:
-            img.pwrite(view[lo - offset:hi - offset], lo)
-
-        await self._change(offset, len(data), apply)
+        await self._change(offset, len(data), _Write(offset, memoryview(data)))
         return len(data)
 
     async def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -196,12 +258,15 @@ class Mirror:
         if length <= 0:
             return
 
-        def apply(img: Image, lo: int, hi: int) -> None:
-            img.fallocate(mode, lo, hi - lo)
+        await self._change(offset, length, _Fallocate(mode))
 
-        await self._change(offset, length, apply)
+    async def allocate(self, mode: int, offset: int, length: int) -> None:
+        """A plain fallocate (no content change): on the serving image only."""
+        length = min(length, self.size - offset)
+        if length > 0:
+            await _apply(self.serving, _Fallocate(mode), offset, offset + length)
 
-    async def _change(self, offset: int, length: int, apply: Apply) -> None:
+    async def _change(self, offset: int, length: int, change: Change) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
         self.guest_ops += 1
         persist = self.persist
@@ -209,10 +274,10 @@ class Mirror:
             while self._gate is not None:
                 await self._gate.wait()
             if not self.tracking:
-                apply(self.serving, offset, offset + length)
+                await _apply(self.serving, change, offset, offset + length)
                 return
             if self._active:
-                await self._active_change(offset, length, apply)
+                await self._active_change(offset, length, change)
                 return
             if persist is None:
                 break
@@ -225,17 +290,23 @@ class Mirror:
             persist = self.persist
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain.
-        apply(self.source, offset, offset + length)
+        change.local(self.source, offset, offset + length)
         self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
         if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
             self._wakeup.set()
 
+    async def _flush(self, img: Target) -> None:
+        if isinstance(img, NBDImage):
+            await img.flush()
+        else:
+            await self._run_sync(img.flush)
+
     async def fsync(self) -> None:
         serving = self.serving
-        await self._run_sync(serving.flush)
+        await self._flush(serving)
         if serving is self.source and self.tracking and self._active:
             try:
-                await self._run_sync(self.target.flush)
+                await self._flush(self.target)
             except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
                 self._on_error(CopyError("target", 0, self.size, e))
 
@@ -255,7 +326,7 @@ class Mirror:
         busy.done.set()
         self._wakeup.set()
 
-    async def _active_change(self, offset: int, length: int, apply: Apply) -> None:
+    async def _active_change(self, offset: int, length: int, change: Change) -> None:
         """Write-blocking: source, then target, before the guest's write returns."""
         a, b = self.bitmap.chunks_of(offset, length)
         # Invariant 2: wait for overlapping copies and active writes, then hold the range
@@ -263,18 +334,18 @@ class Mirror:
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
         if not self.tracking:  # the job ended while we waited
-            apply(self.serving, offset, offset + length)
+            await _apply(self.serving, change, offset, offset + length)
             return
         busy = self._hold(a, b, 0)
         try:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
                 await self._log(a, b)
-            apply(self.source, offset, offset + length)
+            change.local(self.source, offset, offset + length)
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
                 try:
-                    apply(self.target, lo, hi)
+                    await _apply(self.target, change, lo, hi)
                 except OSError as e:
                     self.bitmap.mark_chunks(a, b)  # invariant 3, then the policy
                     self._on_error(CopyError("target", lo, hi - lo, e))
@@ -488,9 +559,9 @@ class Mirror:
         if self.persist is not None:
             await self.persist.checkpoint(self._snapshot, self._flush_images, **fields)
 
-    def _flush_images(self) -> None:
-        self.target.flush()
-        self.source.flush()
+    async def _flush_images(self) -> None:
+        await self._flush(self.target)
+        await self._flush(self.source)
 
     async def _checkpointer(self) -> None:
         if self.persist is None:
@@ -651,10 +722,12 @@ class Mirror:
         return op
 
     async def _run_batch(self, ops: list[CopyOp], data: int) -> None:
-        buf = self._buffers.pop() if self._buffers else bytearray(
-            max(self.cfg.max_op_bytes, self.cfg.granularity))
+        buf = self._buffers.pop() if self._buffers else bytearray(self._buf_bytes)
         try:
-            await self._run_sync(self._copy_batch_sync, ops, buf)
+            if isinstance(self.target, NBDImage):
+                await self._copy_batch_remote(self.target, ops, buf)
+            else:
+                await self._run_sync(self._copy_batch_sync, ops, buf)
         finally:
             self._buffers.append(buf)
             self._batch_done_at = self._now()
@@ -683,18 +756,62 @@ class Mirror:
             self.job.error = None
         self._wakeup.set()
 
+    # ------------------------------------------------------------------ to an NBD export
+    async def _copy_batch_remote(self, target: NBDImage, ops: list[CopyOp],
+                                 buf: bytearray) -> None:
+        """Read the batch's source data in one worker-thread call, then send every op as a
+        task of its own: the client pipelines them on its connection. Ops not done are
+        marked dirty again by ``_settle``."""
+        try:  # a connection that dropped: connect again before the retry
+            await target.reconnect()
+        except OSError as e:
+            ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
+            return
+        plans = await self._run_sync(self._plan_batch, ops, buf)
+        async with trio.open_nursery() as nursery:
+            for op, plan in zip(ops, plans, strict=False):
+                nursery.start_soon(self._send_op, target, op, plan)
+
+    def _plan_batch(self, ops: list[CopyOp], buf: bytearray) -> list[list[Segment]]:
+        """Worker thread: each op's segments, its data read into ``buf``. Stops at the first
+        source error (that op carries it)."""
+        mv = memoryview(buf)
+        plans: list[list[Segment]] = []
+        pos = 0
+        for op in ops:
+            if op.zero:
+                plans.append([(op.offset, op.length, None)])
+                continue
+            view = mv[pos:pos + op.length]
+            try:
+                self._read_source(view, op.offset)
+            except CopyError as e:
+                op.error = e
+                break
+            plans.append(self._plan(view, op.offset))
+            pos += op.length
+        return plans
+
+    async def _send_op(self, target: NBDImage, op: CopyOp, plan: list[Segment]) -> None:
+        zeros = 0
+        for offset, length, data in plan:
+            try:
+                if data is None:
+                    await target.write_zeroes(offset, length)
+                    zeros += length
+                else:
+                    await target.pwrite(data, offset)
+            except OSError as e:
+                op.error = CopyError("target", offset, length, e)
+                return
+        op.zero_bytes = zeros
+        op.done = True
+
     # ------------------------------------------------------------------ worker thread
     def _copy_batch_sync(self, ops: list[CopyOp], buf: bytearray) -> None:
-        """Runs in a worker thread: no trio, no bitmap. Stops at the first error; the
-        ops not done are marked dirty again by ``_settle``."""
+        """Runs in a worker thread, to a local target: no trio, no bitmap. Stops at the
+        first error; the ops not done are marked dirty again by ``_settle``."""
         mv = memoryview(buf)
-        reconnect = getattr(self.target, "reconnect", None)
-        if reconnect is not None and ops:
-            try:  # a network target that dropped: connect again before the retry
-                reconnect()
-            except OSError as e:
-                ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
-                return
         for op in ops:
             try:
                 if op.zero:
@@ -707,36 +824,72 @@ class Mirror:
                 op.error = e
                 return
 
-    def _copy_data(self, offset: int, length: int, mv: memoryview) -> int:
-        """Copy a data op, punching where the source has holes (file-system blocks, finer
-        than a chunk: a chunk that is half hole must not become all data on the target).
-        Returns the bytes made zero on the target. Holes are looked up after the chunk's
-        bit was cleared; a guest write racing the copy dirties the chunk again, so either
-        answer is safe.
-
-        Between two local files the data goes through the kernel (``_copy_extent``);
-        otherwise it is read whole into the batch's buffer first (one syscall)."""
-        view = mv[:length]
-        kernel = self._kernel_copy
-        if not kernel:
-            self._read_source(view, offset)
-        end = offset + length
-        zeros = 0
+    def _extents(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """[offset, end) as (lo, hi, is_hole) runs of the source: holes of the file system's
+        blocks, finer than a chunk (a chunk that is half hole must not become all data on
+        the target). Looked up after the chunk's bit was cleared; a guest write racing the
+        copy dirties the chunk again, so either answer is safe."""
         pos = offset
         while pos < end:
             data = min(self.source.next_data(pos), end)
-            if data > pos:  # a hole of the source
-                self._target_zero(pos, data - pos)
-                zeros += data - pos
+            if data > pos:
+                yield pos, data, True
             if data >= end:
-                break
+                return
             hole = min(self.source.next_hole(data), end)
-            if kernel:
-                zeros += self._copy_extent(data, hole, mv)
-            else:
-                zeros += self._write_out(view[data - offset:hole - offset], data)
+            yield data, hole, False
             pos = hole
+
+    def _copy_data(self, offset: int, length: int, mv: memoryview) -> int:
+        """Copy a data op to a local target; returns the bytes made zero there. Between two
+        files the data goes through the kernel (``_copy_extent``); otherwise it is read
+        whole into the buffer first (one syscall), then written as planned."""
+        if self._kernel_copy:
+            zeros = 0
+            for lo, hi, hole in self._extents(offset, offset + length):
+                if hole:
+                    self._target_zero(lo, hi - lo)
+                    zeros += hi - lo
+                else:
+                    zeros += self._copy_extent(lo, hi, mv)
+            return zeros
+        view = mv[:length]
+        self._read_source(view, offset)
+        zeros = 0
+        for lo, n, data in self._plan(view, offset):
+            if data is None:
+                self._target_zero(lo, n)
+                zeros += n
+            else:
+                self._write_target(data, lo)
         return zeros
+
+    def _plan(self, view: memoryview, offset: int) -> list[Segment]:
+        """What to write for source data read into ``view``: the source's holes and the
+        all-zero chunks as zero segments, the rest as data."""
+        out: list[Segment] = []
+        for lo, hi, hole in self._extents(offset, offset + len(view)):
+            if hole:
+                out.append((lo, hi - lo, None))
+            else:
+                out.extend(self._zero_runs(view[lo - offset:hi - offset], lo))
+        return out
+
+    def _zero_runs(self, view: memoryview, offset: int) -> list[Segment]:
+        """``view`` cut into runs of all-zero chunks and of data chunks."""
+        step = min(self.cfg.granularity, len(view))
+        n = len(view)
+        out: list[Segment] = []
+        pos = 0
+        while pos < n:
+            is_zero = self._is_zero(view, pos, min(pos + step, n))
+            end = pos + step
+            while end < n and self._is_zero(view, end, min(end + step, n)) == is_zero:
+                end += step
+            end = min(end, n)
+            out.append((offset + pos, end - pos, None if is_zero else view[pos:end]))
+            pos = end
+        return out
 
     def _read_source(self, view: memoryview, offset: int) -> None:
         try:
@@ -776,8 +929,10 @@ class Mirror:
         if zero:
             self._target_zero(lo, hi - lo)
             return hi - lo
+        target = self.target
+        assert not isinstance(target, NBDImage)
         try:
-            if self.target.copy_in(self.source, lo, hi - lo):
+            if target.copy_in(self.source, lo, hi - lo):
                 return 0
             self._kernel_copy = False  # not between these two: buffers from now on
         except OSError:
@@ -791,40 +946,20 @@ class Mirror:
         return 0
 
     def _write_target(self, view: memoryview, offset: int) -> None:
+        target = self.target
+        assert not isinstance(target, NBDImage)
         try:
-            self.target.pwrite(view, offset)
+            target.pwrite(view, offset)
         except OSError as e:
             raise CopyError("target", offset, len(view), e) from e
 
     def _target_zero(self, offset: int, length: int) -> None:
+        target = self.target
+        assert not isinstance(target, NBDImage)
         try:
-            self.target.write_zeroes(offset, length)
+            target.write_zeroes(offset, length)
         except OSError as e:
             raise CopyError("target", offset, length, e) from e
-
-    def _write_out(self, view: memoryview, offset: int) -> int:
-        """Write a buffer to the target, turning all-zero chunks into holes. Returns the
-        bytes written as zeros."""
-        step = min(self.cfg.granularity, len(view))
-        n = len(view)
-        zeros = 0
-        pos = 0
-        while pos < n:
-            is_zero = self._is_zero(view, pos, min(pos + step, n))
-            end = pos + step
-            while end < n and self._is_zero(view, end, min(end + step, n)) == is_zero:
-                end += step
-            end = min(end, n)
-            try:
-                if is_zero:
-                    self.target.write_zeroes(offset + pos, end - pos)
-                    zeros += end - pos
-                else:
-                    self.target.pwrite(view[pos:end], offset + pos)
-            except OSError as e:
-                raise CopyError("target", offset + pos, end - pos, e) from e
-            pos = end
-        return zeros
 
     def _is_zero(self, view: memoryview, lo: int, hi: int) -> bool:
         # memoryview == memoryview compares element by element; bytes == bytes is memcmp.
@@ -855,7 +990,7 @@ class Mirror:
     async def _finish(self) -> None:
         """The gate is closed, nothing is dirty or in flight: flush, then pivot or end."""
         try:
-            await self._run_sync(self.target.flush)
+            await self._flush(self.target)
         except OSError as e:
             # Written data may be lost: we cannot tell which, so the whole image is dirty.
             self.bitmap.mark_all()

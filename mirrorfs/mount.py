@@ -23,10 +23,10 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.fs import MirrorOperations
-from mirrorfs.images import FileImage, Image
+from mirrorfs.images import FileImage
 from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror, MirrorConfig, Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.state import (
@@ -76,7 +76,7 @@ class MountOptions:
 @dataclasses.dataclass
 class Prepared:
     source: FileImage
-    target: Image
+    target: Target
     target_created: bool
     mountpoint: str
     name: str
@@ -88,9 +88,12 @@ class Prepared:
     resume_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     granularity: int = 0
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.source.close()
-        self.target.close()
+        if isinstance(self.target, NBDImage):
+            await self.target.close()
+        else:
+            self.target.close()
         if self.statefile is not None:
             self.statefile.close()
             if self.state_created:
@@ -181,7 +184,8 @@ def _nbd_address(opts: MountOptions) -> NBDAddress | None:
         raise MountError(str(e)) from None
 
 
-def _open_nbd(addr: NBDAddress, opts: MountOptions, size: int) -> NBDImage:
+async def _open_nbd(addr: NBDAddress, opts: MountOptions, size: int,
+                    nursery: trio.Nursery) -> NBDImage:
     tls = None
     if addr.tls:
         try:
@@ -191,13 +195,13 @@ def _open_nbd(addr: NBDAddress, opts: MountOptions, size: int) -> NBDImage:
     elif opts.tls_ca or opts.tls_cert or opts.tls_key:
         raise MountError(f"--tls-* options need an nbds:// target, not {addr}")
     try:
-        img = NBDImage.connect(addr, tls=tls)
+        img = await NBDImage.connect(addr, nursery, tls=tls)
     except (NBDError, OSError) as e:
         raise MountError(f"target {addr}: {e}") from None
     if img.read_only or img.size < size:
         why = "is read-only" if img.read_only else (
             f"has {img.size} bytes, less than the source's {size}")
-        img.close()
+        await img.close()
         raise MountError(f"target {addr} {why}")
     return img
 
@@ -209,8 +213,9 @@ def _lock(img: FileImage, what: str) -> None:
         raise MountError(f"{what} {e}") from None
 
 
-def prepare(opts: MountOptions) -> Prepared:
-    """Everything short of mounting. On error nothing is left changed."""
+async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
+    """Everything short of mounting. On error nothing is left changed. An NBD target's
+    reader task runs in ``nursery``."""
     notes: list[str] = []
     src, _sst, tgt, tst = check_images(opts)
     mnt = check_mountpoint(opts.mountpoint, notes)
@@ -221,7 +226,7 @@ def prepare(opts: MountOptions) -> Prepared:
     if not name or "/" in name or name in (".", "..", ".mirror"):
         raise MountError(f"invalid image name {name!r}")
     source = _open_image(src, "source")
-    target: Image | None = None
+    target: Target | None = None
     created = False
     nbd = _nbd_address(opts)
     try:
@@ -229,7 +234,7 @@ def prepare(opts: MountOptions) -> Prepared:
         if source.size == 0:
             raise MountError(f"source {src} is empty")
         if nbd is not None:
-            target = _open_nbd(nbd, opts, source.size)
+            target = await _open_nbd(nbd, opts, source.size, nursery)
         elif tst is not None:
             ftarget = _open_image(tgt, "target")
             target = ftarget
@@ -245,7 +250,9 @@ def prepare(opts: MountOptions) -> Prepared:
         _prepare_state(prep, opts)
     except BaseException:
         source.close()
-        if target is not None:
+        if isinstance(target, NBDImage):
+            await target.close()
+        elif target is not None:
             target.close()
             if created:
                 remove_quietly(tgt)
@@ -254,7 +261,7 @@ def prepare(opts: MountOptions) -> Prepared:
 
 
 # ====================================================================== the state file
-def _state_path(opts: MountOptions, target: Image) -> str | None:
+def _state_path(opts: MountOptions, target: Target) -> str | None:
     if opts.state:
         return os.path.abspath(opts.state)
     if target.is_block or target.fd < 0:
@@ -262,7 +269,7 @@ def _state_path(opts: MountOptions, target: Image) -> str | None:
     return target.path + ".mirrorfs"
 
 
-def _image_id(img: Image) -> dict[str, Any]:
+def _image_id(img: Target) -> dict[str, Any]:
     if img.fd < 0:  # an NBD export: its URI is all we know
         return {"path": img.path, "size": img.size}
     return {"path": img.path, "size": img.size, **identity(img.fd)}
@@ -426,12 +433,25 @@ class _Notifier:
 def run_daemon(opts: MountOptions) -> int:
     """Mount and serve in this process until unmounted. Returns the exit status."""
     setup_logging(opts)
-    notify = _Notifier(opts.notify_fd)
-    try:
-        prep = prepare(opts)
-    except MountError as e:
-        notify.send("ERROR", str(e))
-        return 1
+    return trio.run(_daemon, opts, _Notifier(opts.notify_fd))
+
+
+async def _daemon(opts: MountOptions, notify: _Notifier) -> int:
+    async with trio.open_nursery() as io:  # an NBD target's reader task lives here
+        try:
+            prep = await prepare(opts, io)
+        except MountError as e:
+            notify.send("ERROR", str(e))
+            return 1
+        try:
+            return await _mounted(prep, opts, notify)
+        finally:
+            await prep.aclose()
+            io.cancel_scope.cancel()
+    raise AssertionError("unreachable")  # for type checkers: the nursery swallows nothing
+
+
+async def _mounted(prep: Prepared, opts: MountOptions, notify: _Notifier) -> int:
     for note in prep.notes:
         notify.send("NOTE", note)
     ops = MirrorOperations(prep.name, os.getuid(), os.getgid())
@@ -442,7 +462,6 @@ def run_daemon(opts: MountOptions) -> int:
     try:
         pyfuse3.init(ops, prep.mountpoint, fuse_opts)
     except Exception as e:  # pyfuse3 raises RuntimeError with little detail
-        prep.close()
         why = "is /dev/fuse available and the fuse3 package installed?"
         notify.send("ERROR", f"cannot mount FUSE at {prep.mountpoint} ({e}): {why}")
         return 1
@@ -450,7 +469,7 @@ def run_daemon(opts: MountOptions) -> int:
              prep.source.path, prep.target.path)
     crashed = True
     try:
-        trio.run(_serve, ops, prep, opts, notify)
+        await _serve(ops, prep, opts, notify)
         crashed = False
     except MountError as e:  # before the first request was served: undo it all
         crashed = False
@@ -463,7 +482,6 @@ def run_daemon(opts: MountOptions) -> int:
         # After a crash, leave the mount as it is: an unmount would make the mountpoint
         # look like an empty directory to whatever still uses it (s3ql does the same).
         pyfuse3.close(unmount=not crashed)
-        prep.close()
         notify.send("ERROR", "the daemon stopped before the mount was ready")
     return 0
 

@@ -1,47 +1,47 @@
-"""An NBD client, so that a mirror target can be an export on an NBD server (qemu-nbd, nbdkit,
-nbd-server) instead of a local file: ``NBDImage`` offers the methods of ``FileImage`` that the
-mirror uses.
+"""An NBD client on trio's streams, so that a mirror target can be an export on an NBD server
+(qemu-nbd, nbdkit, nbd-server) instead of a local file. ``NBDImage`` offers, as coroutines, the
+methods of ``FileImage`` that the mirror uses.
 
 Protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md): fixed newstyle
 handshake, optional NBD_OPT_STARTTLS first (``nbds://``: never falls back to clear text), then
 NBD_OPT_GO with an NBD_INFO_BLOCK_SIZE request (falls back to NBD_OPT_EXPORT_NAME on servers
 without NBD_OPT_GO). Transmission uses simple replies only.
 
-Threading. The methods are plain blocking calls, safe to call from any number of threads at
-once (the copier's worker threads, and inline from the trio thread). One connection carries
-many requests in flight:
+Concurrency. Any number of tasks may call the methods at once (the copier's batches, the
+guest's requests); one connection carries all their requests in flight:
 
 - a caller registers its request under a handle (cookie) and writes header + payload to the
-  socket under ``send_lock``, so that requests never interleave on the wire;
-- one reader thread per connection reads every reply, finds the request by its handle, reads
-  a read's payload straight into the caller's buffer, and sets the request's Event;
+  stream under ``_send_lock``, so that requests never interleave on the wire;
+- one reader task per connection (in the nursery given to ``connect``) reads every reply,
+  finds the request by its handle, reads a read's payload straight into the caller's buffer,
+  and sets the request's Event;
 - a call larger than the server's maximum block size is split, and its pieces are pipelined
-  (up to ``_WINDOW`` in flight); a call returns only once all its pieces are answered or
-  failed, so no reply can land in a buffer after the call returned.
+  (up to ``_WINDOW`` in flight). A call that is cancelled while its reads are in flight
+  disowns their buffers first: a late reply is read and dropped, never written into memory
+  the caller has moved on from.
 
-When the connection breaks (EOF, socket error, protocol error, a reply that takes longer than
-``io_timeout``), the reader fails every pending request with OSError(ECONNRESET) and every later
-call fails the same way, until ``reconnect()`` opens a new connection and handshakes again. The
-caller is expected to treat failed writes as not done (the mirror marks them dirty again).
+When the connection breaks (EOF, a stream error, a protocol error, a reply that takes longer
+than ``io_timeout``, a send cancelled halfway through a message), the reader fails every
+pending request with OSError(ECONNRESET) and every later call fails the same way, until
+``reconnect()`` opens a new connection and handshakes again. The caller is expected to treat
+failed writes as not done (the mirror marks them dirty again).
 
-TLS uses ``ssl.SSLObject`` on memory BIOs rather than ``SSLSocket``: an OpenSSL connection
-must not be used by two threads at once, and here the reader decrypts while callers encrypt.
-All OpenSSL calls hold ``_TLS.lock``; the socket I/O happens outside it.
+TLS is ``trio.SSLStream`` over the same TCP or Unix stream, after NBD_OPT_STARTTLS.
 """
 
+import contextlib
 import dataclasses
 import errno
+import math
 import os
 import re
-import socket
 import ssl
 import struct
-import threading
-import time
 import urllib.parse
 from collections import deque
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import AsyncIterator
+
+import trio
 
 from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
 
@@ -302,138 +302,52 @@ class TLSConfig:
         return ctx
 
 
-# ---------------------------------------------------------------------------------- transports
-class _Plain:
-    """The socket itself."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.send_lock = threading.Lock()  # held by whoever writes a message
-
-    def recv_into(self, buf: memoryview) -> int:
-        return self.sock.recv_into(buf)
-
-    def send(self, parts: Sequence[Buffer]) -> None:
-        """Write all of ``parts``, in order (the caller holds ``send_lock``)."""
-        views = [memoryview(p) for p in parts if len(p)]
-        while views:
-            n = self.sock.sendmsg(views)
-            while n:
-                if n >= views[0].nbytes:
-                    n -= views.pop(0).nbytes
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-
-    def close_notify(self) -> None:
-        pass
-
-
-class _TLS(_Plain):
-    """TLS over the socket, with OpenSSL driven through memory BIOs under ``lock``."""
+# ---------------------------------------------------------------------------------- the wire
+class _Wire:
+    """A trio stream with exact-length reads: what the NBD layers above need."""
 
     RECV = 256 << 10
-    CHUNK = 256 << 10  # plaintext per encryption step (bounds the ciphertext buffer)
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext,
-                 hostname: str | None) -> None:
-        super().__init__(sock)
-        self.lock = threading.Lock()
-        self.inc = ssl.MemoryBIO()
-        self.out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=False,
-                                server_hostname=hostname)
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._rest = bytearray()  # received beyond what was asked for
 
-    def handshake(self) -> None:
-        while True:
-            try:
-                with self.lock:
-                    self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
+    async def send(self, *parts: Buffer) -> None:
+        """Write ``parts`` in order. A small payload goes out with its header in one piece;
+        a large one is sent from the caller's buffer, not copied."""
+        if len(parts) == 2 and len(parts[1]) <= 16 << 10:
+            parts = (bytes(parts[0]) + bytes(parts[1]),)
+        for p in parts:
+            if len(p):
+                await self.stream.send_all(p)
 
-    def version(self) -> str | None:
-        return self.obj.version()
+    async def recv_into(self, buf: memoryview | None, n: int | None = None) -> None:
+        """Fill ``buf`` exactly (or read and drop ``n`` bytes when ``buf`` is None)."""
+        n = len(buf) if buf is not None else (n or 0)
+        pos = 0
+        if self._rest:
+            take = min(n, len(self._rest))
+            if buf is not None:
+                buf[:take] = self._rest[:take]
+            del self._rest[:take]
+            pos = take
+        while pos < n:
+            data = await self.stream.receive_some(max(n - pos, 4096) if n - pos < self.RECV
+                                                  else self.RECV)
+            if not data:
+                raise ConnectionResetError(errno.ECONNRESET,
+                                           "the server closed the connection")
+            take = min(len(data), n - pos)
+            if buf is not None:
+                buf[pos:pos + take] = memoryview(data)[:take]
+            if take < len(data):
+                self._rest += memoryview(data)[take:]
+            pos += take
 
-    def _fill(self) -> bool:
-        data = self.sock.recv(self.RECV)
-        with self.lock:
-            if data:
-                self.inc.write(data)
-            else:
-                self.inc.write_eof()
-        return bool(data)
-
-    def _flush(self) -> None:
-        with self.lock:
-            data = self.out.read()
-        if data:
-            self.sock.sendall(data)
-
-    def recv_into(self, buf: memoryview) -> int:
-        while True:
-            with self.lock:
-                try:
-                    return cast(int, self.obj.read(len(buf), buf))
-                except ssl.SSLWantReadError:
-                    pass
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return 0
-                pending_out = self.out.pending
-            if pending_out and self.send_lock.acquire(blocking=False):
-                # Bytes OpenSSL produced while reading (e.g. a TLS 1.3 key update). If a
-                # sender holds the lock, it drains them in order with its own data.
-                try:
-                    self._flush()
-                finally:
-                    self.send_lock.release()
-            if not self._fill():
-                with self.lock:
-                    try:
-                        return cast(int, self.obj.read(len(buf), buf))
-                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                        return 0
-
-    def send(self, parts: Sequence[Buffer]) -> None:
-        views = [memoryview(p) for p in parts if len(p)]
-        for i, mv in enumerate(views):
-            for pos in range(0, mv.nbytes, self.CHUNK):
-                piece = mv[pos:pos + self.CHUNK]
-                with self.lock:
-                    while piece.nbytes:
-                        piece = piece[self.obj.write(piece):]
-                    if i < len(views) - 1 and pos + self.CHUNK >= mv.nbytes:
-                        continue  # a header goes out together with the start of its payload
-                    data = self.out.read()
-                self.sock.sendall(data)
-
-    def close_notify(self) -> None:
-        with self.lock:
-            try:
-                self.obj.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: the peer's close_notify is not awaited
-            data = self.out.read()
-        if data:
-            self.sock.sendall(data)
-
-
-def _recv_exact(t: _Plain, buf: memoryview) -> None:
-    pos, n = 0, len(buf)
-    while pos < n:
-        got = t.recv_into(buf[pos:])
-        if got == 0:
-            raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
-        pos += got
-
-
-def _recv_bytes(t: _Plain, n: int) -> bytes:
-    buf = bytearray(n)
-    _recv_exact(t, memoryview(buf))
-    return bytes(buf)
+    async def recv_bytes(self, n: int) -> bytes:
+        buf = bytearray(n)
+        await self.recv_into(memoryview(buf))
+        return bytes(buf)
 
 
 # ---------------------------------------------------------------------------------- handshake
@@ -447,27 +361,26 @@ class _Export:
     tls_version: str | None = None
 
 
-def _send_option(t: _Plain, opt: int, data: bytes = b"") -> None:
-    t.send((_OPT_HDR.pack(IHAVEOPT, opt, len(data)), data))
+async def _send_option(w: _Wire, opt: int, data: bytes = b"") -> None:
+    await w.send(_OPT_HDR.pack(IHAVEOPT, opt, len(data)) + data)
 
 
-def _option_reply(t: _Plain, opt: int) -> tuple[int, bytes]:
-    magic, ropt, rtype, length = _OPT_REPLY_HDR.unpack(_recv_bytes(t, _OPT_REPLY_HDR.size))
+async def _option_reply(w: _Wire, opt: int) -> tuple[int, bytes]:
+    magic, ropt, rtype, length = _OPT_REPLY_HDR.unpack(
+        await w.recv_bytes(_OPT_REPLY_HDR.size))
     if magic != OPT_REPLY_MAGIC:
         raise _ProtocolError(f"bad option reply magic 0x{magic:x}")
     if ropt != opt:
         raise _ProtocolError(f"reply to option {ropt} while waiting for option {opt}")
     if length > _MAX_OPT_REPLY:
         raise _ProtocolError(f"option reply of {length} bytes")
-    return rtype, _recv_bytes(t, length) if length else b""
+    return rtype, await w.recv_bytes(length) if length else b""
 
 
-def _abort(t: _Plain) -> None:
+async def _abort(w: _Wire) -> None:
     """Soft disconnect during option haggling (best effort: we are failing anyway)."""
-    try:
-        _send_option(t, OPT_ABORT)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        await _send_option(w, OPT_ABORT)
 
 
 def _server_says(data: bytes) -> str:
@@ -491,11 +404,11 @@ def _option_error(addr: NBDAddress, opt: str, rtype: int, data: bytes) -> NBDErr
     return NBDError(errno.EPROTO, f"{addr}: the server refused {opt} ({name}){says}")
 
 
-def _negotiate(t: _Plain, addr: NBDAddress, tls_ctx: ssl.SSLContext | None
-               ) -> tuple[_Plain, _Export]:
-    """The whole handshake on a connected socket; returns the transport to use from now on
+async def _negotiate(w: _Wire, addr: NBDAddress, tls_ctx: ssl.SSLContext | None
+                     ) -> tuple[_Wire, _Export]:
+    """The whole handshake on a connected stream; returns the wire to use from now on
     (TLS after STARTTLS) and what the server said about the export."""
-    magic, second = struct.unpack(">QQ", _recv_bytes(t, 16))
+    magic, second = struct.unpack(">QQ", await w.recv_bytes(16))
     if magic != NBDMAGIC:
         raise NBDError(errno.EPROTO, f"{addr}: {addr.where} is not an NBD server")
     if second == CLISERV_MAGIC:
@@ -504,52 +417,57 @@ def _negotiate(t: _Plain, addr: NBDAddress, tls_ctx: ssl.SSLContext | None
                        "nbdkit, nbd-server >= 3.10)")
     if second != IHAVEOPT:
         raise NBDError(errno.EPROTO, f"{addr}: unexpected NBD greeting 0x{second:x}")
-    (hflags,) = struct.unpack(">H", _recv_bytes(t, 2))
+    (hflags,) = struct.unpack(">H", await w.recv_bytes(2))
     fixed = bool(hflags & FLAG_FIXED_NEWSTYLE)
     no_zeroes = bool(hflags & FLAG_NO_ZEROES)
-    t.send((struct.pack(">I", (FLAG_C_FIXED_NEWSTYLE if fixed else 0)
-                        | (FLAG_C_NO_ZEROES if no_zeroes else 0)),))
+    await w.send(struct.pack(">I", (FLAG_C_FIXED_NEWSTYLE if fixed else 0)
+                             | (FLAG_C_NO_ZEROES if no_zeroes else 0)))
     tls_version = None
     if tls_ctx is not None:
-        if not fixed:
-            raise NBDError(errno.ENOTSUP, f"{addr}: the server does not support TLS (no fixed "
-                           "newstyle handshake); refusing to continue without encryption")
-        _send_option(t, OPT_STARTTLS)
-        rtype, data = _option_reply(t, OPT_STARTTLS)
-        if rtype != REP_ACK:
-            _abort(t)
-            reason = _REP_NAMES.get(rtype, f"reply 0x{rtype:x}")
-            says = data.decode("utf-8", "replace").strip()
-            raise NBDError(errno.ENOTSUP, f"{addr}: the server does not offer TLS ({reason}"
-                           f"{': ' + says if says else ''}); refusing to continue without "
-                           "encryption")
-        hostname = addr.tls_hostname or addr.host
-        tt = _TLS(t.sock, tls_ctx, hostname)
-        try:
-            tt.handshake()
-        except ssl.SSLCertVerificationError as e:
-            raise NBDError(errno.EACCES, f"{addr}: TLS: the server's certificate is not "
-                           f"trusted: {e.verify_message or e}") from None
-        except ssl.SSLError as e:
-            raise NBDError(errno.EPROTO, f"{addr}: TLS handshake failed: {e}") from None
-        t = tt
-        tls_version = tt.version()
-    info = _go(t, addr, no_zeroes) if fixed else None
+        w, tls_version = await _starttls(w, addr, tls_ctx, fixed)
+    info = await _go(w, addr) if fixed else None
     if info is None:
-        info = _export_name(t, addr, no_zeroes)
+        info = await _export_name(w, addr, no_zeroes)
     info.tls_version = tls_version
-    return t, info
+    return w, info
 
 
-def _go(t: _Plain, addr: NBDAddress, no_zeroes: bool) -> _Export | None:
+async def _starttls(w: _Wire, addr: NBDAddress, ctx: ssl.SSLContext,
+                    fixed: bool) -> tuple[_Wire, str | None]:
+    if not fixed:
+        raise NBDError(errno.ENOTSUP, f"{addr}: the server does not support TLS (no fixed "
+                       "newstyle handshake); refusing to continue without encryption")
+    await _send_option(w, OPT_STARTTLS)
+    rtype, data = await _option_reply(w, OPT_STARTTLS)
+    if rtype != REP_ACK:
+        await _abort(w)
+        reason = _REP_NAMES.get(rtype, f"reply 0x{rtype:x}")
+        says = data.decode("utf-8", "replace").strip()
+        raise NBDError(errno.ENOTSUP, f"{addr}: the server does not offer TLS ({reason}"
+                       f"{': ' + says if says else ''}); refusing to continue without "
+                       "encryption")
+    tls = trio.SSLStream(w.stream, ctx, server_hostname=addr.tls_hostname or addr.host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise NBDError(errno.EACCES, f"{addr}: TLS: the server's certificate is not "
+                           f"trusted: {cause.verify_message or cause}") from None
+        raise NBDError(errno.EPROTO, f"{addr}: TLS handshake failed: {cause or e} (does the "
+                       "server require a client certificate?)") from None
+    return _Wire(tls), tls.version()
+
+
+async def _go(w: _Wire, addr: NBDAddress) -> _Export | None:
     """NBD_OPT_GO; None if the server does not know it."""
     name = addr.export.encode()
-    _send_option(t, OPT_GO, struct.pack(">I", len(name)) + name
-                 + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
+    await _send_option(w, OPT_GO, struct.pack(">I", len(name)) + name
+                       + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
     info: _Export | None = None
     block: tuple[int, int, int] | None = None
     while True:
-        rtype, data = _option_reply(t, OPT_GO)
+        rtype, data = await _option_reply(w, OPT_GO)
         if rtype == REP_INFO:
             if len(data) < 2:
                 raise _ProtocolError("short NBD_REP_INFO")
@@ -575,16 +493,16 @@ def _go(t: _Plain, addr: NBDAddress, no_zeroes: bool) -> _Export | None:
         elif rtype == REP_ERR_UNSUP:
             return None
         elif rtype & REP_FLAG_ERROR:
-            _abort(t)
+            await _abort(w)
             raise _option_error(addr, "NBD_OPT_GO", rtype, data)
         else:
             raise _ProtocolError(f"unexpected reply {rtype} to NBD_OPT_GO")
 
 
-def _export_name(t: _Plain, addr: NBDAddress, no_zeroes: bool) -> _Export:
-    _send_option(t, OPT_EXPORT_NAME, addr.export.encode())
+async def _export_name(w: _Wire, addr: NBDAddress, no_zeroes: bool) -> _Export:
+    await _send_option(w, OPT_EXPORT_NAME, addr.export.encode())
     try:
-        data = _recv_bytes(t, 10 if no_zeroes else 134)
+        data = await w.recv_bytes(10 if no_zeroes else 134)
     except ConnectionResetError:
         raise NBDError(errno.ENOENT, f"{addr}: the server closed the connection after "
                        f"NBD_OPT_EXPORT_NAME: it probably has no export named "
@@ -598,27 +516,30 @@ class _Req:
     __slots__ = ("buf", "cmd", "err", "event", "exc", "length", "offset")
 
     def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None) -> None:
-        self.cmd, self.offset, self.length, self.buf = cmd, offset, length, buf
+        self.cmd, self.offset, self.length = cmd, offset, length
+        self.buf = buf  # where a read's payload goes; None: read and drop it
         self.err = 0  # the server's error value
         self.exc: OSError | None = None  # the connection failed before the reply
-        self.event = threading.Event()
+        self.event = trio.Event()
+
+
+_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _Conn:
-    """One handshaken connection in the transmission phase, and its reader thread."""
+    """One handshaken connection in the transmission phase, and its reader task."""
 
-    def __init__(self, t: _Plain, label: str, io_timeout: float | None) -> None:
-        self.t = t
+    def __init__(self, w: _Wire, label: str, io_timeout: float | None) -> None:
+        self.w = w
         self.label = label
-        self.io_timeout = io_timeout
-        self.plock = threading.Lock()  # pending, next_handle, error, closing
+        self.io_timeout = math.inf if io_timeout is None else io_timeout
+        self.send_lock = trio.StrictFIFOLock()  # held by whoever writes a message
         self.pending: dict[int, _Req] = {}
         self.next_handle = 1
         self.error: BaseException | None = None  # set once: why the connection is unusable
         self.closing = False  # NBD_CMD_DISC sent (or due): no new requests
         self.disc_sent = False
-        self.reader = threading.Thread(target=self._read_loop, daemon=True,
-                                       name=f"nbd-reader {label}")
+        self.reader_done = trio.Event()
 
     # -------------------------------------------------------------- state
     @property
@@ -636,138 +557,157 @@ class _Conn:
         return OSError(errno.ECONNRESET, f"NBD connection to {self.label} lost: {text}")
 
     def fail(self, why: BaseException) -> None:
-        """Make the connection unusable; the reader then fails everything pending."""
-        with self.plock:
-            if self.error is None:
-                self.error = why
-        try:
-            self.t.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Make the connection unusable: the stream is closed at once, so the reader stops
+        and fails everything pending."""
+        if self.error is None:
+            self.error = why
+        if isinstance(self.w.stream, trio.SocketStream):
+            self.w.stream.socket.close()  # wakes the reader; no await needed
+        else:
+            assert isinstance(self.w.stream, trio.SSLStream)
+            tcp = self.w.stream.transport_stream
+            assert isinstance(tcp, trio.SocketStream)
+            tcp.socket.close()
 
     # -------------------------------------------------------------- requests
-    def _acquire_send(self) -> None:
-        timeout = -1.0 if self.io_timeout is None else self.io_timeout
-        if not self.t.send_lock.acquire(timeout=timeout):
-            self.fail(TimeoutError(errno.ETIMEDOUT, f"could not send for {timeout:g} s"))
-            raise self.lost()
-
-    def submit(self, cmd: int, offset: int, length: int, flags: int = 0,
-               payload: Buffer | None = None, buf: memoryview | None = None) -> _Req:
+    async def submit(self, cmd: int, offset: int, length: int, flags: int = 0,
+                     payload: Buffer | None = None, buf: memoryview | None = None) -> _Req:
         """Send one request. Once this returns, the request completes (reply or failure)
         and ``wait`` must be called; raises only if nothing was sent."""
         req = _Req(cmd, offset, length, buf)
-        self._acquire_send()
+        with trio.move_on_after(self.io_timeout) as scope:
+            await self.send_lock.acquire()
+        if scope.cancelled_caught:
+            self.fail(TimeoutError(errno.ETIMEDOUT, f"could not send for "
+                                   f"{self.io_timeout:g} s"))
+            raise self.lost()
         try:
-            with self.plock:
-                if self.error is not None or self.closing:
-                    raise self.lost()
-                handle = self.next_handle
-                self.next_handle += 1
-                self.pending[handle] = req
+            if self.error is not None or self.closing:
+                raise self.lost()
+            handle = self.next_handle
+            self.next_handle += 1
+            self.pending[handle] = req
             header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
             try:
-                self.t.send((header,) if payload is None else (header, payload))
-            except OSError as e:
+                with trio.move_on_after(self.io_timeout) as scope:
+                    if payload is None:
+                        await self.w.send(header)
+                    else:
+                        await self.w.send(header, payload)
+                if scope.cancelled_caught:
+                    self.fail(TimeoutError(errno.ETIMEDOUT, "the server stopped reading"))
+            except _STREAM_ERRORS as e:
                 self.fail(e)  # the reader fails ``req``
+            except BaseException as e:  # cancelled halfway through a message
+                self.fail(e)
+                raise
         finally:
-            self.t.send_lock.release()
+            self.send_lock.release()
         return req
 
-    def wait(self, req: _Req) -> OSError | None:
+    async def wait(self, req: _Req) -> OSError | None:
         """The outcome of a submitted request: None on success."""
-        if not req.event.wait(self.io_timeout):
-            self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply to an NBD {_CMD_NAMES[req.cmd]}"
-                                   f" within {self.io_timeout:g} s"))
-            req.event.wait()  # the reader stops at once on the shut-down socket
+        try:
+            with trio.move_on_after(self.io_timeout) as scope:
+                await req.event.wait()
+        except BaseException:
+            req.buf = None  # cancelled: a late payload must not land in the caller's buffer
+            raise
+        if scope.cancelled_caught:
+            req.buf = None
+            self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply to an NBD "
+                                   f"{_CMD_NAMES[req.cmd]} within {self.io_timeout:g} s"))
+            await req.event.wait()  # the reader stops at once on the closed socket
         if req.exc is not None:
             return req.exc
         if req.err == 0:
             return None
         err = req.err if req.err in NBD_ERRORS else errno.EINVAL
         if err == errno.ESHUTDOWN:
-            self.disconnect()  # the protocol wants a soft disconnect now
+            await self.disconnect()  # the protocol wants a soft disconnect now
         return OSError(err, f"{os.strerror(err)} (NBD {_CMD_NAMES.get(req.cmd, req.cmd)} "
                        f"of {req.length} bytes at {req.offset} on {self.label})")
 
-    def disconnect(self) -> None:
+    async def disconnect(self) -> None:
         """Send NBD_CMD_DISC once; nothing is sent after it."""
-        try:
-            self._acquire_send()
-        except OSError:
-            return
-        try:
-            with self.plock:
-                if self.disc_sent or self.error is not None:
-                    return
-                self.disc_sent = self.closing = True
+        async with self.send_lock:
+            if self.error is not None or self.disc_sent:
+                return
+            self.disc_sent = self.closing = True
             try:
-                self.t.send((_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0),))
-                self.t.close_notify()
-            except OSError as e:
+                with trio.move_on_after(min(self.io_timeout, 5.0)):
+                    await self.w.send(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+            except _STREAM_ERRORS as e:
                 self.fail(e)
-        finally:
-            self.t.send_lock.release()
 
-    def close(self, graceful: bool, timeout: float = 5.0) -> None:
+    async def close(self, graceful: bool, grace_s: float = 5.0) -> None:
         """Disconnect (NBD_CMD_DISC after the pending requests, if ``graceful``), stop the
-        reader and close the socket."""
-        if graceful and self.alive:
-            deadline = time.monotonic() + timeout
-            while self.pending and time.monotonic() < deadline:
-                time.sleep(0.005)
-            self.disconnect()
-            self.reader.join(timeout)  # the server closes after NBD_CMD_DISC
-        self.fail(ConnectionResetError(errno.ECONNRESET, "closed"))
-        if self.reader.is_alive() and threading.current_thread() is not self.reader:
-            self.reader.join(timeout)
-        self.t.sock.close()
+        reader and close the stream."""
+        with trio.move_on_after(grace_s) as scope:
+            scope.shield = True  # a close must finish even in a cancelled scope
+            if graceful and self.alive:
+                while self.pending:  # the requests in flight finish first
+                    await next(iter(self.pending.values())).event.wait()
+                await self.disconnect()
+                await self.reader_done.wait()  # the server closes after NBD_CMD_DISC
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    await self.w.stream.aclose()  # TLS: close_notify
+        if self.error is None:
+            self.error = ConnectionResetError(errno.ECONNRESET, "closed")
+        self.fail(self.error)
 
-    # -------------------------------------------------------------- reader thread
-    def _read_loop(self) -> None:
-        t = self.t
-        header = bytearray(_SIMPLE_REPLY.size)
-        hv = memoryview(header)
+    # -------------------------------------------------------------- reader task
+    async def read_loop(self) -> None:
+        w = self.w
         cur: _Req | None = None
         why: BaseException = ConnectionResetError(errno.ECONNRESET, "closed")
         try:
             while True:
-                _recv_exact(t, hv)
-                magic, err, handle = _SIMPLE_REPLY.unpack(header)
+                magic, err, handle = _SIMPLE_REPLY.unpack(
+                    await w.recv_bytes(_SIMPLE_REPLY.size))
                 if magic != SIMPLE_REPLY_MAGIC:
                     what = ("a structured reply" if magic == STRUCTURED_REPLY_MAGIC
                             else f"magic 0x{magic:08x}")
                     raise _ProtocolError(f"unexpected {what} from the server")
-                with self.plock:
-                    cur = self.pending.pop(handle, None)
+                cur = self.pending.pop(handle, None)
                 if cur is None:
                     raise _ProtocolError(f"reply for unknown handle {handle}")
-                if cur.cmd == CMD_READ and err == 0 and cur.buf is not None:
-                    _recv_exact(t, cur.buf)
+                if cur.cmd == CMD_READ and err == 0:
+                    await w.recv_into(cur.buf, cur.length)
                 cur.err = err
                 if err == errno.ESHUTDOWN:
-                    with self.plock:
-                        self.closing = True
+                    self.closing = True
                 cur.event.set()
                 cur = None
-        except BaseException as e:  # whatever it is, the connection is over
+        except Exception as e:  # whatever it is, the connection is over
             why = e
-        finally:
-            with self.plock:
-                if self.error is None:
-                    self.error = why
-                reqs = list(self.pending.values())
-                self.pending.clear()
+        finally:  # also when cancelled: nobody may wait for ever
+            if self.error is None:
+                self.error = why
+            reqs = list(self.pending.values())
+            self.pending.clear()
             if cur is not None:
                 reqs.append(cur)
             lost = self.lost()
             for r in reqs:
                 r.exc = lost
                 r.event.set()
+            self.reader_done.set()
 
 
-def _open(addr: NBDAddress, tls: TLSConfig | None, timeout: float,
-          io_timeout: float | None) -> tuple[_Conn, _Export]:
+async def _connect_stream(addr: NBDAddress) -> trio.SocketStream:
+    try:
+        if addr.socket_path is not None:
+            return await trio.open_unix_socket(addr.socket_path)
+        assert addr.host is not None
+        return await trio.open_tcp_stream(addr.host, addr.port)  # sets TCP_NODELAY
+    except OSError as e:
+        raise NBDError(e.errno or errno.ECONNREFUSED,
+                       f"{addr}: cannot connect to {addr.where}: {e.strerror or e}") from None
+
+
+async def _open(addr: NBDAddress, tls: TLSConfig | None, connect_timeout: float,
+                io_timeout: float | None, nursery: trio.Nursery) -> tuple[_Conn, _Export]:
     ctx: ssl.SSLContext | None = None
     if addr.tls:
         ctx = (tls or TLSConfig()).context(addr.tls_verify)
@@ -775,47 +715,31 @@ def _open(addr: NBDAddress, tls: TLSConfig | None, timeout: float,
             # No host name to check over a Unix socket: the certificate must still be signed
             # by the CA, but its name is not checked (tls-hostname= in the URI checks one).
             ctx.check_hostname = False
+    stream: trio.SocketStream | None = None
     try:
-        if addr.socket_path is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(addr.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            assert addr.host is not None
-            sock = socket.create_connection((addr.host, addr.port), timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as e:
-        raise NBDError(e.errno or errno.ECONNREFUSED,
-                       f"{addr}: cannot connect to {addr.where}: {e.strerror or e}") from None
-    try:
-        try:
-            t, info = _negotiate(_Plain(sock), addr, ctx)
-        except NBDError:
-            raise
-        except TimeoutError:
-            raise NBDError(errno.ETIMEDOUT, f"{addr}: no answer from {addr.where} within "
-                           f"{timeout:g} s during the NBD handshake") from None
-        except OSError as e:
-            hint = (" (TLS: does the server require a client certificate?)"
-                    if ctx is not None and isinstance(e, ssl.SSLError | ConnectionError) else "")
-            raise NBDError(e.errno or errno.EPROTO, f"{addr}: NBD handshake with {addr.where} "
-                           f"failed: {e.strerror or e}{hint}") from None
-        if not info.flags & TFLAG_HAS_FLAGS:
-            info.flags = 0
-        sock.settimeout(None)
-        if io_timeout is not None:  # a server that stops reading must not block senders
-            sec = int(io_timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            struct.pack("ll", sec, int((io_timeout - sec) * 1e6)))
-    except BaseException:
-        sock.close()
+        with trio.fail_after(connect_timeout):
+            stream = await _connect_stream(addr)
+            w, info = await _negotiate(_Wire(stream), addr, ctx)
+    except trio.TooSlowError:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise NBDError(errno.ETIMEDOUT, f"{addr}: no answer from {addr.where} within "
+                       f"{connect_timeout:g} s while connecting") from None
+    except NBDError:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
         raise
-    conn = _Conn(t, addr.uri, io_timeout)
-    conn.reader.start()
+    except (*_STREAM_ERRORS, ssl.SSLError) as e:
+        assert stream is not None
+        await trio.aclose_forcefully(stream)
+        cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e
+        text = (cause.strerror if isinstance(cause, OSError) else None) or cause or e
+        raise NBDError(getattr(cause, "errno", None) or errno.EPROTO,
+                       f"{addr}: NBD handshake with {addr.where} failed: {text}") from None
+    if not info.flags & TFLAG_HAS_FLAGS:
+        info.flags = 0
+    conn = _Conn(w, addr.uri, io_timeout)
+    nursery.start_soon(conn.read_loop, name=f"nbd-reader {addr.uri}")
     return conn, info
 
 
@@ -828,27 +752,49 @@ def _up(x: int, a: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- image
-class NBDImage:
-    """An NBD export with the interface of ``FileImage`` (see images.py).
+@contextlib.asynccontextmanager
+async def open_nbd(addr: "NBDAddress | str", tls: TLSConfig | None = None,
+                   connect_timeout: float = 30.0, io_timeout: float | None = 60.0
+                   ) -> AsyncIterator["NBDImage"]:
+    """``NBDImage.connect`` with a nursery of its own for the reader task; closes on exit."""
+    try:
+        async with trio.open_nursery() as nursery:
+            img = await NBDImage.connect(addr, nursery, tls, connect_timeout, io_timeout)
+            try:
+                yield img
+            finally:
+                await img.close()
+    except BaseExceptionGroup as group:
+        # The reader task keeps its errors to itself: a lone error is the caller's own
+        # (or connect's), and it comes out as itself, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
-    Every method is blocking and thread-safe; see the module docstring. Errors are OSError:
-    the server's error value (EIO, ENOSPC, ...) or ECONNRESET once the connection is lost
+
+class NBDImage:
+    """An NBD export with the interface of ``FileImage`` (see images.py), as coroutines.
+
+    Any number of tasks may call at once; see the module docstring. Errors are OSError: the
+    server's error value (EIO, ENOSPC, ...) or ECONNRESET once the connection is lost
     (until ``reconnect()``)."""
 
     is_block = False
     fd = -1  # no file descriptor: fstat, locks and identity() do not apply
 
     def __init__(self, addr: NBDAddress, tls: TLSConfig | None, timeout: float,
-                 io_timeout: float | None, conn: _Conn, info: _Export) -> None:
+                 io_timeout: float | None, nursery: trio.Nursery, conn: _Conn,
+                 info: _Export) -> None:
         self.addr = addr
         self.path = addr.uri
         self.size = info.size
         self._tls = tls
         self._timeout = timeout
         self._io_timeout = io_timeout
+        self._nursery = nursery
         self._conn = conn
-        self._reconnect_lock = threading.Lock()
-        self._rmw_lock = threading.Lock()  # read-modify-write of partial minimum blocks
+        self._reconnect_lock = trio.Lock()
+        self._rmw_lock = trio.Lock()  # read-modify-write of partial minimum blocks
         self._closed = False
         self._zero_ok = True
         self._set_export(info)
@@ -871,62 +817,59 @@ class NBDImage:
         self._zero_write_step = max(mb, _down(min(len(_ZERO), self._max_io), mb))
 
     @classmethod
-    def connect(cls, addr: NBDAddress | str, tls: TLSConfig | None = None,
-                timeout: float = 30.0, io_timeout: float | None = 60.0) -> "NBDImage":
-        """Connect and handshake. ``timeout`` bounds the connect and the handshake;
-        ``io_timeout`` (None: none) bounds the wait for each reply: past it the connection
-        is declared lost. ``tls`` is used for nbds:// addresses (None there: the system's
-        CA store, no client certificate). Raises NBDError (an OSError) with a message."""
+    async def connect(cls, addr: "NBDAddress | str", nursery: trio.Nursery,
+                      tls: TLSConfig | None = None, connect_timeout: float = 30.0,
+                      io_timeout: float | None = 60.0) -> "NBDImage":
+        """Connect and handshake; the reader task runs in ``nursery``. ``connect_timeout``
+        bounds the connect and the handshake; ``io_timeout`` (None: none) bounds the wait for
+        each reply: past it the connection is declared lost. ``tls`` is used for nbds://
+        addresses (None there: the system's CA store, no client certificate). Raises
+        NBDError (an OSError) with a message."""
         if isinstance(addr, str):
             parsed = parse_nbd_uri(addr)
             if parsed is None:
                 raise ValueError(f"{addr!r} is not an NBD URI")
             addr = parsed
-        conn, info = _open(addr, tls, timeout, io_timeout)
-        return cls(addr, tls, timeout, io_timeout, conn, info)
+        conn, info = await _open(addr, tls, connect_timeout, io_timeout, nursery)
+        return cls(addr, tls, connect_timeout, io_timeout, nursery, conn, info)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.connected else "lost"
         return f"<NBDImage {self.path} size={self.size} {state}>"
-
-    def __enter__(self) -> "NBDImage":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ connection
     @property
     def connected(self) -> bool:
         return not self._closed and self._conn.alive
 
-    def reconnect(self, force: bool = False) -> bool:
+    async def reconnect(self, force: bool = False) -> bool:
         """Open a new connection if the current one is lost (or always, with ``force``);
-        False if it was alive and nothing was done. Safe to call from several threads that
+        False if it was alive and nothing was done. Safe to call from several tasks that
         all saw the same failure: one reconnects, the others find it alive. Raises NBDError
         if the server cannot be reached or the export's size changed."""
-        with self._reconnect_lock:
+        async with self._reconnect_lock:
             old = self._conn
             if old.alive and not force and not self._closed:
                 return False
-            conn, info = _open(self.addr, self._tls, self._timeout, self._io_timeout)
+            conn, info = await _open(self.addr, self._tls, self._timeout, self._io_timeout,
+                                     self._nursery)
             if info.size != self.size:
-                conn.close(graceful=True)
+                await conn.close(graceful=True)
                 raise NBDError(errno.EIO, f"{self.path}: the export now has {info.size} "
                                f"bytes, it had {self.size}: refusing to reconnect")
             self._set_export(info)
             self._zero_ok = True
             self._conn = conn
             self._closed = False
-        old.close(graceful=old.alive)
+        await old.close(graceful=old.alive)
         return True
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """NBD_CMD_DISC (after the pending requests), then close. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._conn.close(graceful=True)
+        await self._conn.close(graceful=True)
 
     def _live(self) -> _Conn:
         if self._closed:
@@ -934,35 +877,41 @@ class NBDImage:
         return self._conn
 
     # ------------------------------------------------------------------ requests
-    def _run(self, cmd: int, offset: int, length: int, step: int, flags: int = 0,
-             data: memoryview | None = None, buf: memoryview | None = None,
-             zeros: bool = False) -> None:
+    async def _run(self, cmd: int, offset: int, length: int, step: int, flags: int = 0,
+                   data: memoryview | None = None, buf: memoryview | None = None,
+                   zeros: bool = False) -> None:
         """[offset, offset + length) in pieces of ``step``, pipelined; waits for every
         piece it sent, then raises the first error."""
         conn = self._live()
         inflight: deque[_Req] = deque()
         first: OSError | None = None
         pos = 0
-        while pos < length and first is None:
-            if len(inflight) >= _WINDOW:
-                first = conn.wait(inflight.popleft())
-                if first is not None:
-                    break
-            n = min(step, length - pos)
-            payload: Buffer | None = None
-            if data is not None:
-                payload = data[pos:pos + n]
-            elif zeros:
-                payload = memoryview(_ZERO)[:n]
-            try:
-                inflight.append(conn.submit(cmd, offset + pos, n, flags, payload,
-                                            None if buf is None else buf[pos:pos + n]))
-            except OSError as e:
-                first = e
-            pos += n
-        while inflight:  # always: a read's reply must not land after we return
-            err = conn.wait(inflight.popleft())
-            first = first or err
+        try:
+            while pos < length and first is None:
+                if len(inflight) >= _WINDOW:
+                    first = await conn.wait(inflight.popleft())
+                    if first is not None:
+                        break
+                n = min(step, length - pos)
+                payload: Buffer | None = None
+                if data is not None:
+                    payload = data[pos:pos + n]
+                elif zeros:
+                    payload = memoryview(_ZERO)[:n]
+                try:
+                    inflight.append(await conn.submit(
+                        cmd, offset + pos, n, flags, payload,
+                        None if buf is None else buf[pos:pos + n]))
+                except OSError as e:
+                    first = e
+                pos += n
+            while inflight:  # always: a read's reply must not land after we return
+                err = await conn.wait(inflight.popleft())
+                first = first or err
+        except BaseException:
+            for r in inflight:  # cancelled: disown the buffers of what is still in flight
+                r.buf = None
+            raise
         if first is not None:
             raise first
 
@@ -971,7 +920,7 @@ class NBDImage:
             raise OSError(errno.EINVAL, f"{self.path}: negative offset or length")
 
     # ------------------------------------------------------------------ data
-    def pread_into(self, buf: memoryview, offset: int) -> int:
+    async def pread_into(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; bytes past the end of the export read as zeros.
         Returns the bytes read from the export."""
         n = len(buf)
@@ -980,40 +929,40 @@ class NBDImage:
         if avail < n:
             buf[avail:] = bytes(n - avail)
         if avail:
-            self._read(buf[:avail], offset)
+            await self._read(buf[:avail], offset)
         return avail
 
-    def pread(self, length: int, offset: int) -> bytes:
+    async def pread(self, length: int, offset: int) -> bytes:
         self._check(offset, length)
         n = max(0, min(length, self.size - offset))
         out = bytearray(n)
         if n:
-            self._read(memoryview(out), offset)
+            await self._read(memoryview(out), offset)
         return bytes(out)
 
-    def _read(self, buf: memoryview, offset: int) -> None:
+    async def _read(self, buf: memoryview, offset: int) -> None:
         mb, n = self.min_block, len(buf)
         if mb == 1 or (offset % mb == 0 and n % mb == 0):
-            self._run(CMD_READ, offset, n, self._max_io, buf=buf)
+            await self._run(CMD_READ, offset, n, self._max_io, buf=buf)
             return
         lo, hi = _down(offset, mb), min(_up(offset + n, mb), self.size)
         a, b = min(_up(offset, mb), offset + n), max(_down(offset + n, mb), offset)
         if a >= b:  # within at most two minimum blocks
             tmp = bytearray(hi - lo)
-            self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
+            await self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
             buf[:] = tmp[offset - lo:offset - lo + n]
             return
         if offset < a:
             tmp = bytearray(mb)
-            self._run(CMD_READ, a - mb, mb, mb, buf=memoryview(tmp))
+            await self._run(CMD_READ, a - mb, mb, mb, buf=memoryview(tmp))
             buf[:a - offset] = tmp[mb - (a - offset):]
-        self._run(CMD_READ, a, b - a, self._max_io, buf=buf[a - offset:b - offset])
+        await self._run(CMD_READ, a, b - a, self._max_io, buf=buf[a - offset:b - offset])
         if b < offset + n:
             tmp = bytearray(hi - b)
-            self._run(CMD_READ, b, hi - b, self._max_io, buf=memoryview(tmp))
+            await self._run(CMD_READ, b, hi - b, self._max_io, buf=memoryview(tmp))
             buf[b - offset:] = tmp[:offset + n - b]
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> int:
+    async def pwrite(self, data: bytes | memoryview, offset: int) -> int:
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -1023,60 +972,65 @@ class NBDImage:
             raise OSError(errno.ENOSPC, f"{self.path}: write of {n} bytes at {offset} "
                           f"beyond the end of the export ({self.size} bytes)")
         if n:
-            self._write(mv, offset)
+            await self._write(mv, offset)
         return n
 
-    def _write(self, mv: memoryview | None, offset: int, length: int | None = None) -> None:
+    async def _write(self, mv: memoryview | None, offset: int,
+                     length: int | None = None) -> None:
         """Write ``mv`` (or zeros when ``mv`` is None) at ``offset``, honouring the server's
         minimum block size with read-modify-write of partial blocks."""
         n = len(mv) if mv is not None else (length or 0)
         mb = self.min_block
         a, b = _up(offset, mb), _down(offset + n, mb)
         if mb == 1 or (a == offset and b == offset + n):
-            self._write_aligned(mv, offset, n)
+            await self._write_aligned(mv, offset, n)
             return
         if a >= b:  # no whole block inside: patch the one or two blocks around it
-            self._rmw(_down(offset, mb), min(_up(offset + n, mb), self.size), mv, offset, n)
+            await self._rmw(_down(offset, mb), min(_up(offset + n, mb), self.size), mv,
+                            offset, n)
             return
         if offset < a:
-            self._rmw(a - mb, a, None if mv is None else mv[:a - offset], offset, a - offset)
-        self._write_aligned(None if mv is None else mv[a - offset:b - offset], a, b - a)
+            await self._rmw(a - mb, a, None if mv is None else mv[:a - offset], offset,
+                            a - offset)
+        await self._write_aligned(None if mv is None else mv[a - offset:b - offset], a,
+                                  b - a)
         if b < offset + n:
-            self._rmw(b, min(b + mb, self.size), None if mv is None else mv[b - offset:],
-                      b, offset + n - b)
+            await self._rmw(b, min(b + mb, self.size), None if mv is None else
+                            mv[b - offset:], b, offset + n - b)
 
-    def _rmw(self, lo: int, hi: int, mv: memoryview | None, offset: int, n: int) -> None:
-        with self._rmw_lock:  # two partial writes to one block must not lose each other
+    async def _rmw(self, lo: int, hi: int, mv: memoryview | None, offset: int,
+                   n: int) -> None:
+        async with self._rmw_lock:  # two partial writes to one block must not lose each other
             tmp = bytearray(hi - lo)
-            self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
+            await self._run(CMD_READ, lo, hi - lo, self._max_io, buf=memoryview(tmp))
             tmp[offset - lo:offset - lo + n] = bytes(n) if mv is None else mv
-            self._run(CMD_WRITE, lo, hi - lo, self._max_io, data=memoryview(tmp))
+            await self._run(CMD_WRITE, lo, hi - lo, self._max_io, data=memoryview(tmp))
 
-    def _write_aligned(self, mv: memoryview | None, offset: int, n: int) -> None:
+    async def _write_aligned(self, mv: memoryview | None, offset: int, n: int) -> None:
         if mv is not None:
-            self._run(CMD_WRITE, offset, n, self._max_io, data=mv)
+            await self._run(CMD_WRITE, offset, n, self._max_io, data=mv)
             return
         if self.can_zero and self._zero_ok:
             try:
                 # NBD_CMD_FLAG_NO_HOLE unset: the server may punch a hole, and must make
                 # the range read as zeros.
-                self._run(CMD_WRITE_ZEROES, offset, n, self._zero_step)
+                await self._run(CMD_WRITE_ZEROES, offset, n, self._zero_step)
                 return
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EINVAL):
                     raise
                 self._zero_ok = False  # write zero data from now on
-        self._run(CMD_WRITE, offset, n, self._zero_write_step, zeros=True)
+        await self._run(CMD_WRITE, offset, n, self._zero_write_step, zeros=True)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset + length) read as zeros: NBD_CMD_WRITE_ZEROES where the
         server offers it (it may punch holes), else zero data in 1 MiB requests."""
         self._check(offset, 0)
         length = min(length, self.size - offset)
         if length > 0:
-            self._write(None, offset, length)
+            await self._write(None, offset, length)
 
-    def fallocate(self, mode: int, offset: int, length: int) -> None:
+    async def fallocate(self, mode: int, offset: int, length: int) -> None:
         """A guest's fallocate(2): punch-hole and zero-range zero the range; a plain
         allocation changes no content and is a no-op (NBD cannot reserve space)."""
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
@@ -1085,7 +1039,7 @@ class NBDImage:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, f"{self.path}: bad fallocate range")
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-            self.write_zeroes(offset, length)
+            await self.write_zeroes(offset, length)
 
     def copy_in(self, src: Image, offset: int, length: int) -> bool:
         return False  # no server-side copy from a local file: the copier sends the data
@@ -1100,11 +1054,11 @@ class NBDImage:
     def data_extents(self) -> list[tuple[int, int]]:
         return [(0, self.size)] if self.size else []
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         """NBD_CMD_FLUSH: every write answered before it is on stable storage. A no-op on a
         server without NBD_FLAG_SEND_FLUSH (it has no volatile cache to flush)."""
         if self.can_flush:
             conn = self._live()
-            e = conn.wait(conn.submit(CMD_FLUSH, 0, 0))
+            e = await conn.wait(await conn.submit(CMD_FLUSH, 0, 0))
             if e is not None:
                 raise e

@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -206,7 +206,7 @@ class ActivityLog:
                     self.al_writes += 1
 
     async def checkpoint(self, fill: Callable[[bitarray], None],
-                         flush: Callable[[], None], **fields: Any) -> None:
+                         flush: Callable[[], Awaitable[None]], **fields: Any) -> None:
         """Persist a snapshot of the dirty and in-flight chunks and empty the log.
 
         ``fill`` writes the snapshot into ``self.p`` in place (no second copy of a bitmap
@@ -220,12 +220,9 @@ class ActivityLog:
             # they queue on the lock. Writes covered by it are safe in the old slot as well.
             self.al.setall(0)
 
-            def work() -> None:
-                flush()
-                self.sf.write_checkpoint(self.p, **fields)
-
             try:
-                await self._run_sync(work)
+                await flush()
+                await self._run_sync(lambda: self.sf.write_checkpoint(self.p, **fields))
             except BaseException:
                 # The header still names the old slot: its P and its log are what is on
                 # disk, and later log entries go into that log block, which must keep the

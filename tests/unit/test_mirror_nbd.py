@@ -1,0 +1,145 @@
+"""The mirror to an NBD export, without FUSE: a real qemu-nbd, the trio-native client, and the
+copier's remote path (source read in a worker thread, ops sent as concurrent tasks)."""
+
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import test_nbd as servers
+import trio
+
+from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
+from mirrorfs.job import State
+from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.nbd import NBDImage, open_nbd
+from mirrorfs.params import CopyMode, ErrorPolicy
+
+KiB, MiB = 1 << 10, 1 << 20
+nbd_tools = servers.nbd_tools  # a fixture, used by name
+qemu_nbd = servers.qemu_nbd
+
+
+def _source(tmp: Path, size: int) -> FileImage:
+    """Random data with an all-zero stretch and a hole in it."""
+    p = tmp / "src.img"
+    with open(p, "wb") as f:
+        f.write(os.urandom(size))
+        f.seek(2 * MiB)
+        f.write(bytes(MiB))  # allocated zeros: sent as WRITE_ZEROES
+    fd = os.open(p, os.O_RDWR)
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * MiB, MiB)  # a hole
+    return FileImage(str(p), fd)
+
+
+async def _wait(m: Mirror, *states: State) -> None:
+    with trio.fail_after(60):
+        while m.job.state not in states:
+            await trio.sleep(0.01)
+
+
+async def test_mirror_to_nbd_with_writes_then_pivot(tmp_path: Path, nbd_tools: None) -> None:
+    size = 12 * MiB + 4 * KiB
+    src = _source(tmp_path, size)
+    exp = tmp_path / "exp.img"
+    with open(exp, "wb") as f:
+        f.write(os.urandom(size))  # old data everywhere: holes and zeros must be written
+    sock = tmp_path / "nbd.sock"
+    rnd = random.Random(7)
+    with qemu_nbd(exp, tmp_path, sock=sock):
+        async with open_nbd(f"nbd+unix:///exp?socket={sock}") as tgt:
+            cfg = MirrorConfig(granularity=64 * KiB, target_fresh=False,
+                               copy_mode=CopyMode.BACKGROUND)
+            m = Mirror(src, tgt, cfg)
+            async with trio.open_nursery() as n:
+                n.start_soon(m.run)
+                for _ in range(200):  # guest writes racing the bulk copy
+                    off = rnd.randrange(7 * MiB, size - 70 * KiB)  # zeros, hole kept
+                    await m.write(off, os.urandom(rnd.randrange(1, 70 * KiB)))
+                    await trio.lowlevel.checkpoint()
+                await _wait(m, State.READY)
+                m.set_copy_mode(CopyMode.WRITE_BLOCKING)
+                for _ in range(50):  # written through to the export before returning
+                    off = rnd.randrange(7 * MiB, size - 8 * KiB)
+                    await m.write(off, os.urandom(rnd.randrange(1, 8 * KiB)))
+                m.complete()
+                await _wait(m, State.COMPLETED)
+            assert m.serving is tgt and m.zeroed_bytes >= 2 * MiB
+            assert await m.read(0, size) == Path(src.path).read_bytes()
+            await m.write(100, b"after the pivot")  # goes to the export only
+            assert await m.read(100, 15) == b"after the pivot"
+            await m.fsync()
+    assert Path(exp).read_bytes()[100:115] == b"after the pivot"
+    data = bytearray(Path(src.path).read_bytes())
+    data[100:115] = b"after the pivot"
+    assert Path(exp).read_bytes() == bytes(data)
+    src.close()
+
+
+async def test_server_killed_mid_copy_stop_policy(tmp_path: Path, nbd_tools: None) -> None:
+    """A dropped connection is a target error: with ``stop`` the job pauses, nothing is
+    lost, and ``resume`` after the server is back reconnects and finishes."""
+    size = 8 * MiB
+    src = _source(tmp_path, size)
+    exp = tmp_path / "exp.img"
+    with open(exp, "wb") as f:
+        f.truncate(size)
+    sock = tmp_path / "nbd.sock"
+    cfg = MirrorConfig(granularity=64 * KiB, target_fresh=True, speed=2 * MiB,
+                       on_target_error=ErrorPolicy.STOP)
+    with qemu_nbd(exp, tmp_path, sock=sock) as server:
+        async with open_nbd(f"nbd+unix:///exp?socket={sock}", io_timeout=5) as tgt:
+            m = Mirror(src, tgt, cfg)
+            async with trio.open_nursery() as n:
+                n.start_soon(m.run)
+                with trio.fail_after(30):
+                    while m.copied_bytes < MiB:
+                        await trio.sleep(0.01)
+                server.send_signal(signal.SIGKILL)
+                server.wait()
+                await _wait(m, State.PAUSED)
+                assert "writing the target" in (m.job.error or "")
+                await m.write(3 * MiB, b"while the server is down")
+                with qemu_nbd(exp, tmp_path, sock=sock):
+                    m.set_speed(0)
+                    m.resume()
+                    await _wait(m, State.READY)
+                    m.complete()
+                    await _wait(m, State.COMPLETED)
+    assert Path(exp).read_bytes() == Path(src.path).read_bytes()
+    src.close()
+
+
+async def test_after_the_pivot_a_dropped_connection_is_reopened(tmp_path: Path,
+                                                               nbd_tools: None) -> None:
+    """The disk is served from the export after ``complete``: a server restart costs the
+    guest one reconnect, not every later request; a server that is gone is an I/O error."""
+    size = 4 * MiB
+    src = _source(tmp_path, 8 * MiB)
+    os.ftruncate(src.fd, size)
+    src.size = size
+    exp = tmp_path / "exp.img"
+    with open(exp, "wb") as f:
+        f.truncate(size)
+    sock = tmp_path / "nbd.sock"
+    uri = f"nbd+unix:///exp?socket={sock}"
+    with qemu_nbd(exp, tmp_path, sock=sock) as server:
+        async with trio.open_nursery() as nursery:
+            tgt = await NBDImage.connect(uri, nursery, connect_timeout=5)
+            m = Mirror(src, tgt, MirrorConfig(granularity=64 * KiB, target_fresh=True))
+            nursery.start_soon(m.run)
+            await _wait(m, State.READY)
+            m.complete()
+            await _wait(m, State.COMPLETED)
+            server.kill()
+            server.wait()
+            with pytest.raises(OSError):
+                await m.read(0, 4096)  # no server: the guest sees an error
+            with qemu_nbd(exp, tmp_path, sock=sock):
+                assert await m.read(0, 4096) == Path(src.path).read_bytes()[:4096]
+                await m.write(4096, b"to the new connection")
+                await m.fsync()
+            await tgt.close()
+    assert Path(exp).read_bytes()[4096:4117] == b"to the new connection"
+    src.close()
