@@ -289,8 +289,14 @@ class Mirror:
             await self._log(a, b)
             persist = self.persist
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
-        # with respect to the copier, checkpoints and the drain.
-        change.local(self.source, offset, offset + length)
+        # with respect to the copier, checkpoints and the drain. The mark comes even after
+        # a failure: a write that failed halfway may have changed the source.
+        try:
+            change.local(self.source, offset, offset + length)
+        finally:
+            self._marked(offset, length)
+
+    def _marked(self, offset: int, length: int) -> None:
         self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
         if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
             self._wakeup.set()
@@ -341,7 +347,11 @@ class Mirror:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
                 await self._log(a, b)
-            change.local(self.source, offset, offset + length)
+            try:
+                change.local(self.source, offset, offset + length)
+            except BaseException:
+                self.bitmap.mark_chunks(a, b)  # it may have changed part of the source
+                raise
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
                 try:

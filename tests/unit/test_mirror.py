@@ -34,6 +34,7 @@ class FaultyImage(FileImage):
         self.fail_read: Callable[[int, int], int | None] = _never
         self.fail_copy: Callable[[int, int], int | None] = _never
         self.copies: list[tuple[int, int]] = []  # ranges copied by copy_file_range
+        self.write_half = False
         self.gate: threading.Event | None = None  # a worker's writes wait for it
         self.writes: list[tuple[int, int]] = []
 
@@ -46,6 +47,8 @@ class FaultyImage(FileImage):
             self.gate.wait(10)
         err = self.fail_write(offset, len(data))
         if err:
+            if self.write_half:  # a write that fails halfway (ENOSPC after some blocks)
+                super().pwrite(memoryview(data)[:len(data) // 2], offset)
             raise OSError(err, os.strerror(err))
         self.writes.append((offset, len(data)))
         return super().pwrite(data, offset)
@@ -269,6 +272,30 @@ async def test_a_failing_kernel_copy_falls_back_and_names_the_side(tmp_path: Pat
         n.start_soon(m.run)
         await wait_state(m, State.FAILED)
     assert "reading the source" in (m.job.error or "")
+
+
+@pytest.mark.parametrize("mode", [CopyMode.BACKGROUND, CopyMode.WRITE_BLOCKING])
+async def test_a_guest_write_failing_halfway_is_still_mirrored(tmp_path: Path,
+                                                               mode: CopyMode) -> None:
+    """The guest gets its error, but whatever part of the write reached the source is
+    dirty, so the target follows the source all the same."""
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    m = Mirror(src, tgt, cfg(copy_mode=mode))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        src.write_half = True
+        src.fail_write = lambda off, n: errno.ENOSPC
+        with pytest.raises(OSError):
+            await m.write(100 * KiB, os.urandom(200 * KiB))
+        src.fail_write = _never
+        await wait_state(m, State.READY)
+        with trio.fail_after(10):
+            while m.remaining_bytes:
+                await trio.sleep(0.01)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
 
 
 async def test_sync_none_copies_only_new_writes(tmp_path: Path) -> None:
