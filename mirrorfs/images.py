@@ -48,6 +48,8 @@ class Image(Protocol):
     def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def copy_in(self, src: "Image", offset: int, length: int) -> bool: ...
+    @property
+    def zeroes_cheaply(self) -> bool: ...
     def fallocate(self, mode: int, offset: int, length: int) -> None: ...
     def next_data(self, offset: int) -> int: ...
     def next_hole(self, offset: int) -> int: ...
@@ -94,6 +96,11 @@ class FileImage:
             done += n
         return done
 
+    @property
+    def zeroes_cheaply(self) -> bool:
+        """Can ranges be zeroed without writing zero data (punch hole, zero range)?"""
+        return self._punch_ok
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset + length) read as zeros without writing zero data where the
         file system allows it: punch a hole (files) or zero the range (block devices)."""
@@ -135,7 +142,7 @@ class FileImage:
                     return False
                 raise
             if n <= 0:  # the source ended early (changed under us): let a buffer do it
-                return False
+                raise OSError(errno.EIO, "copy_file_range copied nothing")
             pos += n
         return True
 

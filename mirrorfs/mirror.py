@@ -12,6 +12,10 @@ Invariants (see DOMAIN.md), kept where the comments say:
  4. The pivot (and a cancel in ready) closes a gate in front of guest writes, waits for what
     is in flight, copies what is still dirty, flushes the target, switches, reopens.
  6. A target error never becomes a guest I/O error.
+ 7. A copy counts as done for good only once a flush of the target covers it. Until then its
+    range is in ``_unflushed`` (coarse extents); a failed flush, or an NBD connection that
+    was replaced (its acknowledged writes may have died in the server's cache), makes those
+    extents dirty again.
 
 Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``,
 which a worker thread runs for a batch of copy operations to a local target. Guest I/O to
@@ -31,6 +35,7 @@ from typing import Any, TypeVar
 
 import trio
 from bitarray import bitarray
+from bitarray.util import intervals
 
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.images import ZERO_BLOCK, Image
@@ -87,18 +92,27 @@ async def _apply(img: Target, change: Change, lo: int, hi: int) -> None:
         change.local(img, lo, hi)
 
 
+def _generation(img: Target) -> int:
+    return img.generation if isinstance(img, NBDImage) else 0
+
+
 async def _retried(img: NBDImage, call: Callable[[], Awaitable[_T]]) -> _T:
     """``call``, and once more on a new connection if the connection was lost. Reads and
     writes are idempotent, so a request that may or may not have been done can be redone.
     If the server cannot be reached, the error is the caller's (guest I/O after the pivot:
     EIO; an active write: the target's error policy)."""
+    generation = img.generation
     try:
         return await call()
     except OSError as e:
-        if e.errno != errno.ECONNRESET or img.connected:
+        if e.errno != errno.ECONNRESET:
             raise
-    await img.reconnect()
-    return await call()
+    try:
+        if img.generation == generation:  # else another task has reconnected already
+            await img.reconnect()
+        return await call()
+    except OSError as e:  # the guest sees EIO, not the network's errno
+        raise OSError(errno.EIO, f"{img.path}: {e.strerror or e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +152,12 @@ class CopyOp:
     offset: int  # byte range, clipped to the image size
     length: int
     zero: bool  # the source has a hole here: make the target read zeros, read nothing
+    cost: int = 0  # bytes charged to the speed limit and buf-size (data sent or written)
     done: bool = False
     error: CopyError | None = None
     zero_bytes: int = 0
     busy: "_Busy | None" = None
+    generation: int = 0  # the NBD connection it was written through
 
 
 @dataclasses.dataclass(eq=False)
@@ -189,9 +205,13 @@ class Mirror:
         self._buffers: list[bytearray] = []
         # A batch to a local target reuses one op-sized buffer; one to NBD holds all its ops'
         # data at once (they are sent concurrently).
-        self._remote = isinstance(target, NBDImage)
         self._buf_bytes = max(cfg.max_op_bytes, cfg.granularity) + (
-            cfg.batch_bytes if self._remote else 0)
+            cfg.batch_bytes if isinstance(target, NBDImage) else 0)
+        # Invariant 7: extents written to the target since the last flush that covers them.
+        self._unflushed_shift = max(cfg.granularity, 1 * MiB).bit_length() - 1
+        self._unflushed = self._new_unflushed()
+        self._target_gen = _generation(target)
+        self._snapshot_gen = self._target_gen
         # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
         # first refusal, for good.
         self._kernel_copy = not isinstance(target, NBDImage) and source.fd >= 0 \
@@ -307,12 +327,55 @@ class Mirror:
         else:
             await self._run_sync(img.flush)
 
+    async def _flush_target(self) -> None:
+        """Flush the target; invariant 7 either way. Raises the flush's error after making
+        what it should have covered dirty again."""
+        generation = self._check_generation()
+        covered, self._unflushed = self._unflushed, self._new_unflushed()
+        try:
+            await self._flush(self.target)
+            if self._check_generation() != generation:
+                raise OSError(errno.EIO, "the target's connection was replaced during a flush")
+        except BaseException:
+            self._unflushed |= covered
+            self._target_lost()
+            raise
+
+    def _new_unflushed(self) -> bitarray:
+        bits = bitarray(-(-self.size // (1 << self._unflushed_shift)), endian="little")
+        bits.setall(0)
+        return bits
+
+    def _note_written(self, offset: int, length: int) -> None:
+        if length > 0:
+            sh = self._unflushed_shift
+            self._unflushed[offset >> sh:((offset + length - 1) >> sh) + 1] = 1
+
+    def _target_lost(self) -> None:
+        """What the target acknowledged since its last good flush may be gone: dirty it."""
+        sh, g_shift = self._unflushed_shift, self.bitmap.shift
+        for value, a, b in intervals(self._unflushed):
+            if value:
+                self.bitmap.mark_chunks(a << sh >> g_shift,
+                                        min(self.bitmap.nchunks, -(-(b << sh) >> g_shift)))
+        self._unflushed.setall(0)
+
+    def _check_generation(self) -> int:
+        """Notice an NBD target's replaced connection (invariant 7); returns the current
+        generation."""
+        target = self.target
+        if isinstance(target, NBDImage) and target.generation != self._target_gen:
+            self._target_gen = target.generation
+            target.forget_lost_writes()  # handled here: the extents are dirty again
+            self._target_lost()
+        return self._target_gen
+
     async def fsync(self) -> None:
         serving = self.serving
         await self._flush(serving)
         if serving is self.source and self.tracking and self._active:
             try:
-                await self._flush(self.target)
+                await self._flush_target()
             except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
                 self._on_error(CopyError("target", 0, self.size, e))
 
@@ -354,14 +417,22 @@ class Mirror:
                 raise
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
+                generation = self._check_generation()
                 try:
                     await _apply(self.target, change, lo, hi)
                 except OSError as e:
                     self.bitmap.mark_chunks(a, b)  # invariant 3, then the policy
                     self._on_error(CopyError("target", lo, hi - lo, e))
+                except BaseException:
+                    self.bitmap.mark_chunks(a, b)  # cancelled: the target may lack it
+                    raise
                 else:
+                    if self._check_generation() != generation:
+                        self.bitmap.mark_chunks(a, b)  # written through a lost connection
+                        return
                     ca, cb = self._full_chunks(lo, hi)
                     self.bitmap.clear_chunks(ca, cb)
+                    self._note_written(lo, hi - lo)
                     self.active_bytes += hi - lo
                     self.copied_bytes += hi - lo
         finally:
@@ -545,6 +616,7 @@ class Mirror:
     # ------------------------------------------------------------------ the state file
     def _snapshot(self, into: bitarray) -> None:
         """What may differ between source and target now: dirty plus in flight."""
+        self._snapshot_gen = self._check_generation()
         self.bitmap.copy_into(into)
         for busy in self._busy:
             into[busy.a:busy.b] = 1
@@ -570,7 +642,13 @@ class Mirror:
             await self.persist.checkpoint(self._snapshot, self._flush_images, **fields)
 
     async def _flush_images(self) -> None:
-        await self._flush(self.target)
+        try:
+            if self._check_generation() != self._snapshot_gen:
+                # writes through the lost connection were dirtied after the snapshot
+                raise OSError(errno.EIO, "the target's connection was replaced")
+            await self._flush_target()
+        except OSError as e:
+            raise CopyError("target", 0, self.size, e) from e
         await self._flush(self.source)
 
     async def _checkpointer(self) -> None:
@@ -591,6 +669,8 @@ class Mirror:
                 self._checkpoint_soon = False
                 try:
                     await self.checkpoint()
+                except CopyError as e:  # the target's flush: its extents are dirty again
+                    self._on_error(e)
                 except OSError as e:
                     log.error("cannot save the job's state: %s", e)
                     self.job.emit("error", side="state", message=f"saving state: {e}",
@@ -659,7 +739,7 @@ class Mirror:
             ops = self._pick(max(budget, cfg.granularity))
             if not ops:
                 return 0.0
-            data = sum(op.length for op in ops if not op.zero)
+            data = sum(op.cost for op in ops)
             if not unthrottled:
                 self.bucket.charge(data, self._now())
             self._batches += 1
@@ -709,15 +789,22 @@ class Mirror:
             a, b = run
             while a < b and len(ops) < cfg.ops_per_batch and data < data_budget:
                 start = a << shift
-                d = self.source.next_data(start)
+                try:
+                    d = self.source.next_data(start)
+                except OSError:
+                    d = start  # as data: the copy's own read finds the error and names it
+                room = max(1, (data_budget - data) >> shift)
                 if d >= start + g or d >= self.size:
                     # a hole covers whole chunks: one op, however long, reads nothing
                     e = b if d >= self.size else min(b, d >> shift)
+                    if not self.target.zeroes_cheaply:  # zeros are sent as data
+                        e = min(e, a + min(op_chunks, room))
                     op = self._make_op(a, e, zero=True)
                 else:
-                    room = max(1, (data_budget - data) >> shift)
                     e = min(b, a + min(op_chunks, room))
                     op = self._make_op(a, e, zero=False)
+                if not op.zero or not self.target.zeroes_cheaply:
+                    op.cost = op.length
                     data += op.length
                 bm.clear_chunks(op.a, op.b)
                 ops.append(op)
@@ -748,11 +835,15 @@ class Mirror:
     def _settle(self, ops: list[CopyOp]) -> None:
         now = self._now()
         first_error: CopyError | None = None
+        generation = self._check_generation()
         for op in ops:
+            if op.done and op.generation != generation:
+                op.done = False  # written through a connection that was replaced since
             if not op.done:
                 self.bitmap.mark_chunks(op.a, op.b)  # invariant 3: dirty again first
                 first_error = first_error or op.error
             else:
+                self._note_written(op.offset, op.length)
                 self.copied_bytes += op.length
                 self.zeroed_bytes += op.zero_bytes
                 self.meter.add(op.length, now)
@@ -777,6 +868,9 @@ class Mirror:
         except OSError as e:
             ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
             return
+        generation = self._check_generation()
+        for op in ops:
+            op.generation = generation
         plans = await self._run_sync(self._plan_batch, ops, buf)
         async with trio.open_nursery() as nursery:
             for op, plan in zip(ops, plans, strict=False):
@@ -840,15 +934,18 @@ class Mirror:
         the target). Looked up after the chunk's bit was cleared; a guest write racing the
         copy dirties the chunk again, so either answer is safe."""
         pos = offset
-        while pos < end:
-            data = min(self.source.next_data(pos), end)
-            if data > pos:
-                yield pos, data, True
-            if data >= end:
-                return
-            hole = min(self.source.next_hole(data), end)
-            yield data, hole, False
-            pos = hole
+        try:
+            while pos < end:
+                data = min(self.source.next_data(pos), end)
+                if data > pos:
+                    yield pos, data, True
+                if data >= end:
+                    return
+                hole = min(self.source.next_hole(data), end)
+                yield data, hole, False
+                pos = hole
+        except OSError as e:  # SEEK_DATA/SEEK_HOLE failed: the source's error policy
+            raise CopyError("source", pos, end - pos, e) from e
 
     def _copy_data(self, offset: int, length: int, mv: memoryview) -> int:
         """Copy a data op to a local target; returns the bytes made zero there. Between two
@@ -1000,12 +1097,12 @@ class Mirror:
     async def _finish(self) -> None:
         """The gate is closed, nothing is dirty or in flight: flush, then pivot or end."""
         try:
-            await self._flush(self.target)
-        except OSError as e:
-            # Written data may be lost: we cannot tell which, so the whole image is dirty.
-            self.bitmap.mark_all()
+            await self._flush_target()
+        except OSError as e:  # what the flush should have covered is dirty again
             self._open_gate()
             self._on_error(CopyError("target", 0, self.size, e))
+            return
+        if self.bitmap.dirty_chunks:  # a connection was replaced: recopy, then flush again
             return
         if self.job.state is State.COMPLETING:
             if self.persist is not None:

@@ -26,7 +26,7 @@ from mirrorfs.fs import MirrorOperations
 from mirrorfs.images import FileImage
 from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
-from mirrorfs.mirror import Mirror, MirrorConfig, Target
+from mirrorfs.mirror import CopyError, Mirror, MirrorConfig, Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.state import (
@@ -433,7 +433,12 @@ class _Notifier:
 def run_daemon(opts: MountOptions) -> int:
     """Mount and serve in this process until unmounted. Returns the exit status."""
     setup_logging(opts)
-    return trio.run(_daemon, opts, _Notifier(opts.notify_fd))
+    try:
+        return trio.run(_daemon, opts, _Notifier(opts.notify_fd))
+    except BaseExceptionGroup as group:  # one error (Ctrl-C, a crash): itself, for the CLI
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _daemon(opts: MountOptions, notify: _Notifier) -> int:
@@ -505,6 +510,9 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         # the initial bitmap is on disk before the first guest write
         try:
             await mirror.checkpoint(phase="running", clean=False)
+        except CopyError as e:
+            raise MountError(f"cannot flush the target {prep.target.path}: "
+                             f"{e.err.strerror or e.err}") from None
         except OSError as e:  # e.g. no room next to the target: refuse, as prepare() would
             raise MountError(f"cannot write the state file {persist.sf.path}: "
                              f"{e.strerror}") from None
@@ -537,11 +545,15 @@ async def _save_final_state(mirror: Mirror) -> None:
             await persist.set_fields(phase=str(state))
             return
         # unmounted and the copier stopped: nothing changes the images any more
+        target = mirror.target
+        if isinstance(target, NBDImage) and not target.connected:
+            with contextlib.suppress(OSError):  # the unflushed extents become dirty
+                await target.reconnect()
         await mirror.checkpoint(phase="running", clean=True,
                                 source=_image_id(mirror.source),
                                 target=_image_id(mirror.target))
         log.info("saved the job's state: %d bytes left to copy", mirror.bitmap.dirty_bytes)
-    except OSError as e:
+    except (OSError, CopyError) as e:
         log.error("cannot save the job's state in %s: %s", persist.sf.path, e)
 
 

@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Image
+from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 
 Buffer = bytes | bytearray | memoryview
 
@@ -321,32 +321,31 @@ class _Wire:
             if len(p):
                 await self.stream.send_all(p)
 
-    async def recv_into(self, buf: memoryview | None, n: int | None = None) -> None:
-        """Fill ``buf`` exactly (or read and drop ``n`` bytes when ``buf`` is None)."""
-        n = len(buf) if buf is not None else (n or 0)
+    async def recv_into(self, sink: "memoryview | _Req", n: int) -> None:
+        """Receive exactly ``n`` bytes into a buffer, or into a read request's buffer for as
+        long as the request owns one: a caller that gave up (cancelled) sets ``buf`` to
+        None, and the rest of its payload is read and dropped from then on."""
         pos = 0
-        if self._rest:
-            take = min(n, len(self._rest))
-            if buf is not None:
-                buf[:take] = self._rest[:take]
-            del self._rest[:take]
-            pos = take
         while pos < n:
-            data = await self.stream.receive_some(max(n - pos, 4096) if n - pos < self.RECV
-                                                  else self.RECV)
-            if not data:
-                raise ConnectionResetError(errno.ECONNRESET,
-                                           "the server closed the connection")
+            if self._rest:
+                data: bytes | bytearray = self._rest
+                self._rest = bytearray()
+            else:
+                data = await self.stream.receive_some(self.RECV)
+                if not data:
+                    raise ConnectionResetError(errno.ECONNRESET,
+                                               "the server closed the connection")
             take = min(len(data), n - pos)
+            buf = sink.buf if isinstance(sink, _Req) else sink
             if buf is not None:
                 buf[pos:pos + take] = memoryview(data)[:take]
             if take < len(data):
-                self._rest += memoryview(data)[take:]
+                self._rest = bytearray(memoryview(data)[take:])
             pos += take
 
     async def recv_bytes(self, n: int) -> bytes:
         buf = bytearray(n)
-        await self.recv_into(memoryview(buf))
+        await self.recv_into(memoryview(buf), n)
         return bytes(buf)
 
 
@@ -513,7 +512,8 @@ async def _export_name(w: _Wire, addr: NBDAddress, no_zeroes: bool) -> _Export:
 
 # ---------------------------------------------------------------------------------- connection
 class _Req:
-    __slots__ = ("buf", "cmd", "err", "event", "exc", "length", "offset")
+    __slots__ = ("acked_before", "buf", "cmd", "err", "event", "exc", "length", "offset",
+                 "sent_at")
 
     def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None) -> None:
         self.cmd, self.offset, self.length = cmd, offset, length
@@ -521,9 +521,12 @@ class _Req:
         self.err = 0  # the server's error value
         self.exc: OSError | None = None  # the connection failed before the reply
         self.event = trio.Event()
+        self.acked_before = 0  # a flush: writes acknowledged when it was sent (it covers them)
+        self.sent_at = 0.0
 
 
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_WRITES = (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)
 
 
 class _Conn:
@@ -540,6 +543,9 @@ class _Conn:
         self.closing = False  # NBD_CMD_DISC sent (or due): no new requests
         self.disc_sent = False
         self.reader_done = trio.Event()
+        self.last_rx = trio.current_time()  # when the server last answered anything
+        self.acked_writes = 0  # writes the server acknowledged on this connection
+        self.flushed_writes = 0  # ... of which a successful flush covers
 
     # -------------------------------------------------------------- state
     @property
@@ -575,6 +581,7 @@ class _Conn:
         """Send one request. Once this returns, the request completes (reply or failure)
         and ``wait`` must be called; raises only if nothing was sent."""
         req = _Req(cmd, offset, length, buf)
+        await trio.lowlevel.checkpoint_if_cancelled()
         with trio.move_on_after(self.io_timeout) as scope:
             await self.send_lock.acquire()
         if scope.cancelled_caught:
@@ -587,9 +594,15 @@ class _Conn:
             handle = self.next_handle
             self.next_handle += 1
             self.pending[handle] = req
+            req.acked_before = self.acked_writes
+            req.sent_at = trio.current_time()
             header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
             try:
-                with trio.move_on_after(self.io_timeout) as scope:
+                # A message once begun is finished even if the caller is cancelled: half a
+                # message would end the connection for every other request on it. Bounded
+                # by io_timeout, since a server that stops reading must not hang us.
+                with trio.CancelScope(shield=True), \
+                        trio.move_on_after(self.io_timeout) as scope:
                     if payload is None:
                         await self.w.send(header)
                     else:
@@ -598,29 +611,37 @@ class _Conn:
                     self.fail(TimeoutError(errno.ETIMEDOUT, "the server stopped reading"))
             except _STREAM_ERRORS as e:
                 self.fail(e)  # the reader fails ``req``
-            except BaseException as e:  # cancelled halfway through a message
-                self.fail(e)
-                raise
         finally:
             self.send_lock.release()
         return req
 
     async def wait(self, req: _Req) -> OSError | None:
-        """The outcome of a submitted request: None on success."""
+        """The outcome of a submitted request: None on success.
+
+        ``io_timeout`` is a liveness check: the connection is declared lost when the server
+        has answered nothing at all for that long while this request waits. A flush has no
+        limit: a server with a large write-back cache may take minutes, and giving up on it
+        would only force a recopy."""
         try:
-            with trio.move_on_after(self.io_timeout) as scope:
-                await req.event.wait()
+            limit = math.inf if req.cmd == CMD_FLUSH else self.io_timeout
+            while not req.event.is_set():
+                deadline = max(self.last_rx, req.sent_at) + limit
+                with trio.move_on_at(deadline):
+                    await req.event.wait()
+                if not req.event.is_set() and trio.current_time() >= \
+                        max(self.last_rx, req.sent_at) + limit:
+                    req.buf = None
+                    self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply from the server within "
+                                           f"{self.io_timeout:g} s"))
+                    await req.event.wait()  # the reader stops at once on the closed socket
         except BaseException:
             req.buf = None  # cancelled: a late payload must not land in the caller's buffer
             raise
-        if scope.cancelled_caught:
-            req.buf = None
-            self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply to an NBD "
-                                   f"{_CMD_NAMES[req.cmd]} within {self.io_timeout:g} s"))
-            await req.event.wait()  # the reader stops at once on the closed socket
         if req.exc is not None:
             return req.exc
         if req.err == 0:
+            if req.cmd == CMD_FLUSH:
+                self.flushed_writes = max(self.flushed_writes, req.acked_before)
             return None
         err = req.err if req.err in NBD_ERRORS else errno.EINVAL
         if err == errno.ESHUTDOWN:
@@ -672,9 +693,12 @@ class _Conn:
                 cur = self.pending.pop(handle, None)
                 if cur is None:
                     raise _ProtocolError(f"reply for unknown handle {handle}")
+                self.last_rx = trio.current_time()
                 if cur.cmd == CMD_READ and err == 0:
-                    await w.recv_into(cur.buf, cur.length)
+                    await w.recv_into(cur, cur.length)
                 cur.err = err
+                if err == 0 and cur.cmd in _WRITES:
+                    self.acked_writes += 1
                 if err == errno.ESHUTDOWN:
                     self.closing = True
                 cur.event.set()
@@ -729,9 +753,11 @@ async def _open(addr: NBDAddress, tls: TLSConfig | None, connect_timeout: float,
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise
-    except (*_STREAM_ERRORS, ssl.SSLError) as e:
-        assert stream is not None
-        await trio.aclose_forcefully(stream)
+    except BaseException as e:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        if not isinstance(e, (*_STREAM_ERRORS, ssl.SSLError)):
+            raise  # cancelled, KeyboardInterrupt, ...
         cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e
         text = (cause.strerror if isinstance(cause, OSError) else None) or cause or e
         raise NBDError(getattr(cause, "errno", None) or errno.EPROTO,
@@ -797,6 +823,9 @@ class NBDImage:
         self._rmw_lock = trio.Lock()  # read-modify-write of partial minimum blocks
         self._closed = False
         self._zero_ok = True
+        self._lost_writes = False  # acknowledged, unflushed writes died with a connection
+        # Counts connections: whoever wrote through one can tell that it was replaced.
+        self.generation = 0
         self._set_export(info)
 
     def _set_export(self, info: _Export) -> None:
@@ -849,7 +878,8 @@ class NBDImage:
         if the server cannot be reached or the export's size changed."""
         async with self._reconnect_lock:
             old = self._conn
-            if old.alive and not force and not self._closed:
+            self._live()  # a closed image stays closed
+            if old.alive and not force:
                 return False
             conn, info = await _open(self.addr, self._tls, self._timeout, self._io_timeout,
                                      self._nursery)
@@ -857,18 +887,25 @@ class NBDImage:
                 await conn.close(graceful=True)
                 raise NBDError(errno.EIO, f"{self.path}: the export now has {info.size} "
                                f"bytes, it had {self.size}: refusing to reconnect")
+            if old.acked_writes > old.flushed_writes and self.can_flush:
+                # Writes the old connection had acknowledged may still have been only in
+                # the server's cache: if it restarted, they are gone. A new connection's
+                # flush does not vouch for them, so the next flush says so (as fsync
+                # reports a lost write-back once).
+                self._lost_writes = True
             self._set_export(info)
             self._zero_ok = True
             self._conn = conn
-            self._closed = False
+            self.generation += 1
         await old.close(graceful=old.alive)
         return True
 
     async def close(self) -> None:
         """NBD_CMD_DISC (after the pending requests), then close. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        async with self._reconnect_lock:
+            if self._closed:
+                return
+            self._closed = True
         await self._conn.close(graceful=True)
 
     def _live(self) -> _Conn:
@@ -1022,6 +1059,11 @@ class NBDImage:
                 self._zero_ok = False  # write zero data from now on
         await self._run(CMD_WRITE, offset, n, self._zero_write_step, zeros=True)
 
+    @property
+    def zeroes_cheaply(self) -> bool:
+        """NBD_CMD_WRITE_ZEROES works here (else zeros go over the wire as data)."""
+        return self.can_zero and self._zero_ok
+
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset + length) read as zeros: NBD_CMD_WRITE_ZEROES where the
         server offers it (it may punch holes), else zero data in 1 MiB requests."""
@@ -1041,22 +1083,19 @@ class NBDImage:
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             await self.write_zeroes(offset, length)
 
-    def copy_in(self, src: Image, offset: int, length: int) -> bool:
-        return False  # no server-side copy from a local file: the copier sends the data
-
-    def next_data(self, offset: int) -> int:
-        """No hole information over NBD here: everything is data."""
-        return min(offset, self.size)
-
-    def next_hole(self, offset: int) -> int:
-        return self.size
-
-    def data_extents(self) -> list[tuple[int, int]]:
-        return [(0, self.size)] if self.size else []
+    def forget_lost_writes(self) -> None:
+        """The caller has seen ``generation`` change and dealt with the writes it made
+        through the lost connection: the next flush need not fail for them."""
+        self._lost_writes = False
 
     async def flush(self) -> None:
         """NBD_CMD_FLUSH: every write answered before it is on stable storage. A no-op on a
-        server without NBD_FLAG_SEND_FLUSH (it has no volatile cache to flush)."""
+        server without NBD_FLAG_SEND_FLUSH (it has no volatile cache to flush). Fails once
+        with EIO if writes acknowledged on an earlier, lost connection were never flushed."""
+        if self._lost_writes:
+            self._lost_writes = False
+            raise OSError(errno.EIO, f"{self.path}: writes acknowledged on a lost connection "
+                          "were never flushed: they may be lost")
         if self.can_flush:
             conn = self._live()
             e = await conn.wait(await conn.submit(CMD_FLUSH, 0, 0))

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from mirrorfs.images import FileImage
+from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State, VerbRefused
 from mirrorfs.mirror import Mirror, MirrorConfig
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
@@ -35,6 +35,7 @@ class FaultyImage(FileImage):
         self.fail_copy: Callable[[int, int], int | None] = _never
         self.copies: list[tuple[int, int]] = []  # ranges copied by copy_file_range
         self.write_half = False
+        self.fail_flush = 0  # this many flushes fail, losing what was written (see flush)
         self.gate: threading.Event | None = None  # a worker's writes wait for it
         self.writes: list[tuple[int, int]] = []
 
@@ -70,6 +71,15 @@ class FaultyImage(FileImage):
             return False
         self.copies.append((offset, length))
         return super().copy_in(src, offset, length)
+
+    def flush(self) -> None:
+        if self.fail_flush:
+            # A lost write-back: the data written since the last flush never reaches the
+            # disk (here: all of it reads as zeros), and fsync reports EIO once.
+            self.fail_flush -= 1
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, self.size)
+            raise OSError(errno.EIO, "Input/output error")
+        super().flush()
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         err = self.fail_read(offset, len(buf))
@@ -489,6 +499,35 @@ async def test_a_failing_state_file_never_fails_a_guest_write(tmp_path: Path) ->
         assert m.persist is None and not (tmp_path / "state").exists()
         assert "state" in [e.get("side") for e in map(__import__("json").loads,
                                                       m.job.events.render().splitlines())]
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+
+
+async def test_a_failed_target_flush_makes_its_copies_dirty_again(tmp_path: Path) -> None:
+    """Invariant 7: the checkpoint after ready flushes the target, and the flush fails with
+    the data lost. What it should have covered is copied again, under the target's error
+    policy (stop: paused), and the job still ends with equal images."""
+    from bitarray import bitarray
+
+    from mirrorfs.state import ActivityLog, StateFile
+
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    c = cfg(on_target_error=ErrorPolicy.STOP, checkpoint_s=0.5)
+    nchunks = 2 * MiB // c.granularity
+    sf = StateFile.create(str(tmp_path / "state"), {
+        "phase": "running", "clean": False, "size": 2 * MiB, "granularity": c.granularity,
+        "extent_bytes": 4 * MiB, "nchunks": nchunks, "nextents": 1})
+    persist = ActivityLog(sf, bitarray(nchunks, endian="little"), c.granularity, 4 * MiB)
+    m = Mirror(src, tgt, c, persist=persist)
+    tgt.fail_flush = 1  # the first checkpoint's (at ready, or during the copy)
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.PAUSED, limit=30)
+        assert "writing the target" in (m.job.error or "")
+        assert m.bitmap.dirty_bytes > 0
+        m.resume()
+        await wait_state(m, State.READY)
         m.complete()
         await wait_state(m, State.COMPLETED)
     assert same(src, tgt)

@@ -1,14 +1,17 @@
 """The mirror to an NBD export, without FUSE: a real qemu-nbd, the trio-native client, and the
 copier's remote path (source read in a worker thread, ops sent as concurrent tasks)."""
 
+import contextlib
 import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import test_nbd as servers
 import trio
+from bitarray import bitarray
 
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State
@@ -142,4 +145,76 @@ async def test_after_the_pivot_a_dropped_connection_is_reopened(tmp_path: Path,
                 await m.fsync()
             await tgt.close()
     assert Path(exp).read_bytes()[4096:4117] == b"to the new connection"
+    src.close()
+
+
+async def test_writes_acknowledged_then_lost_in_the_server_cache_are_recopied(
+        tmp_path: Path, nbd_tools: None) -> None:
+    """A server with a volatile write cache (nbdkit's cache filter in writeback mode) dies
+    mid-copy: what it had acknowledged but not flushed is gone. The new connection's flush
+    does not cover it, so the mirror copies those extents again (invariant 7)."""
+    size = 8 * MiB
+    src = _source(tmp_path, size)
+    exp = tmp_path / "exp.img"
+    with open(exp, "wb") as f:
+        f.truncate(size)
+    sock = tmp_path / "nbd.sock"
+
+    def server() -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+        return servers.nbdkit(exp, sock, tmp_path, "--filter=cache",
+                              plugin_args=("cache=writeback",))
+
+    cfg = MirrorConfig(granularity=64 * KiB, target_fresh=True, speed=2 * MiB,
+                       on_target_error=ErrorPolicy.STOP)
+    with server() as proc:
+        async with open_nbd(f"nbd+unix:///?socket={sock}", io_timeout=5) as tgt:
+            assert tgt.can_flush
+            m = Mirror(src, tgt, cfg)
+            async with trio.open_nursery() as n:
+                n.start_soon(m.run)
+                with trio.fail_after(30):
+                    while m.copied_bytes < 2 * MiB:
+                        await trio.sleep(0.01)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                await _wait(m, State.PAUSED)
+                sock.unlink(missing_ok=True)
+                with server():
+                    m.set_speed(0)
+                    m.resume()
+                    await _wait(m, State.READY)
+                    m.complete()
+                    await _wait(m, State.COMPLETED)
+    assert Path(exp).read_bytes() == Path(src.path).read_bytes()
+    src.close()
+
+
+async def test_stopping_mid_copy_keeps_the_connection(tmp_path: Path, nbd_tools: None) -> None:
+    """An unmount cancels the copy loop while batches are being sent: no request is cut in
+    half, so the connection survives for the final flush and the clean checkpoint."""
+    size = 128 * MiB
+    src = _source(tmp_path, size)
+    exp = tmp_path / "exp.img"
+    with open(exp, "wb") as f:
+        f.truncate(size)
+    sock = tmp_path / "nbd.sock"
+    with qemu_nbd(exp, tmp_path, sock=sock):
+        async with open_nbd(f"nbd+unix:///exp?socket={sock}") as tgt:
+            m = Mirror(src, tgt, MirrorConfig(granularity=64 * KiB, target_fresh=True))
+            async with trio.open_nursery() as n:
+                n.start_soon(m.run)
+                with trio.fail_after(30):
+                    while m.copied_bytes < 16 * MiB:
+                        await trio.lowlevel.checkpoint()
+                n.cancel_scope.cancel()
+            assert tgt.connected
+            await tgt.flush()
+            dirty = bitarray(m.bitmap.nchunks, endian="little")
+            m.bitmap.copy_into(dirty)
+    # every chunk not dirty is on the export
+    data, out = Path(src.path).read_bytes(), Path(exp).read_bytes()
+    g = 64 * KiB
+    assert m.copied_bytes >= 16 * MiB
+    assert all(data[i * g:(i + 1) * g] == out[i * g:(i + 1) * g]
+               for i in range(size // g) if not dirty[i])
     src.close()
