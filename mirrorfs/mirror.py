@@ -208,7 +208,9 @@ class Mirror:
         self._buf_bytes = max(cfg.max_op_bytes, cfg.granularity) + (
             cfg.batch_bytes if isinstance(target, NBDImage) else 0)
         # Invariant 7: extents written to the target since the last flush that covers them.
-        self._unflushed_shift = max(cfg.granularity, 1 * MiB).bit_length() - 1
+        # 1 MiB extents, coarser on huge images: at most 2 Mi bits (256 KiB) per map.
+        self._unflushed_shift = max(max(cfg.granularity, 1 * MiB).bit_length() - 1,
+                                    (max(1, self.size - 1) >> 21).bit_length())
         self._unflushed = self._new_unflushed()
         self._target_gen = _generation(target)
         self._snapshot_gen = self._target_gen
