@@ -202,12 +202,14 @@ class MirrorOperations(pyfuse3.Operations):
         return self._m.job.events.render()[off:off + size]
 
     @_guard
-    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes | memoryview) -> int:
+        # The patched pyfuse3 passes a view of its receive buffer (no copy of the request):
+        # valid only until this returns, so nothing may keep it or a slice of it.
         h = self._handle(fh)
         if h.inode == IMAGE:
             return await self._m.write(off, buf)
         if h.inode == CTL:
-            return self._command(buf)
+            return self._command(bytes(buf))
         raise FUSEError(errno.EBADF)
 
     def _command(self, buf: bytes) -> int:

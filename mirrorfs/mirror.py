@@ -270,7 +270,9 @@ class Mirror:
             return await _retried(serving, lambda: serving.pread(length, offset))
         return serving.pread(length, offset)
 
-    async def write(self, offset: int, data: bytes) -> int:
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        """A guest's write. ``data`` may be a view of the FUSE request: it is used only
+        until this returns (both images are written by then, or the range is dirty)."""
         await self._change(offset, len(data), _Write(offset, memoryview(data)))
         return len(data)
 
