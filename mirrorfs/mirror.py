@@ -15,7 +15,10 @@ Invariants (see DOMAIN.md), kept where the comments say:
  7. A copy counts as done for good only once a flush of the target covers it. Until then its
     range is in ``_unflushed`` (coarse extents); a failed flush, or an NBD connection that
     was replaced (its acknowledged writes may have died in the server's cache), makes those
-    extents dirty again.
+    extents dirty again and starts a new target epoch: a copy or active write begun in an
+    older epoch does not count (it may have landed just before the loss). Flushes of the
+    target are serialized, and a checkpoint flushes first, then snapshots dirty, busy and
+    everything written since the flush began.
 
 Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``,
 which a worker thread runs for a batch of copy operations to a local target. Guest I/O to
@@ -25,6 +28,7 @@ thread, and a copy batch to it reads the source in one worker-thread call, then 
 ops as concurrent tasks, which the client pipelines on one connection.
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -43,7 +47,7 @@ from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
-from mirrorfs.state import ActivityLog, remove_quietly
+from mirrorfs.state import ActivityLog, StateFileLost, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ class CopyOp:
     error: CopyError | None = None
     zero_bytes: int = 0
     busy: "_Busy | None" = None
-    generation: int = 0  # the NBD connection it was written through
+    epoch: int = 0  # the target epoch it began in (invariant 7)
 
 
 @dataclasses.dataclass(eq=False)
@@ -213,7 +217,9 @@ class Mirror:
                                     (max(1, self.size - 1) >> 21).bit_length())
         self._unflushed = self._new_unflushed()
         self._target_gen = _generation(target)
-        self._snapshot_gen = self._target_gen
+        self._target_epoch = 0  # + 1 whenever the target may have lost acknowledged writes
+        self._flush_lock = trio.Lock()
+        self._source_flush_failed = False  # a checkpoint's fsync of the source failed
         # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
         # first refusal, for good.
         self._kernel_copy = not isinstance(target, NBDImage) and source.fd >= 0 \
@@ -301,8 +307,9 @@ class Mirror:
                 await _apply(self.serving, change, offset, offset + length)
                 return
             if self._active:
-                await self._active_change(offset, length, change)
-                return
+                if await self._active_change(offset, length, change):
+                    return
+                continue  # the gate closed while it waited for an overlapping op
             if persist is None:
                 break
             a, b = self.bitmap.chunks_of(offset, length)
@@ -334,16 +341,17 @@ class Mirror:
     async def _flush_target(self) -> None:
         """Flush the target; invariant 7 either way. Raises the flush's error after making
         what it should have covered dirty again."""
-        generation = self._check_generation()
-        covered, self._unflushed = self._unflushed, self._new_unflushed()
-        try:
-            await self._flush(self.target)
-            if self._check_generation() != generation:
-                raise OSError(errno.EIO, "the target's connection was replaced during a flush")
-        except BaseException:
-            self._unflushed |= covered
-            self._target_lost()
-            raise
+        async with self._flush_lock:  # two flushes at once would cover for each other
+            epoch = self._check_epoch()
+            covered, self._unflushed = self._unflushed, self._new_unflushed()
+            try:
+                await self._flush(self.target)
+                if self._check_epoch() != epoch:
+                    raise OSError(errno.EIO, "the target may have lost writes during a flush")
+            except BaseException:
+                self._unflushed |= covered
+                self._target_lost()
+                raise
 
     def _new_unflushed(self) -> bitarray:
         bits = bitarray(-(-self.size // (1 << self._unflushed_shift)), endian="little")
@@ -363,19 +371,37 @@ class Mirror:
                 self.bitmap.mark_chunks(a << sh >> g_shift,
                                         min(self.bitmap.nchunks, -(-(b << sh) >> g_shift)))
         self._unflushed.setall(0)
+        self._target_epoch += 1  # what is in flight now may have landed before the loss
+        self._wakeup.set()
 
-    def _check_generation(self) -> int:
+    def _unflushed_chunks(self, into: bitarray) -> None:
+        """Mark in ``into`` (a chunk bitmap) the chunks of the unflushed extents."""
+        sh, g_shift = self._unflushed_shift, self.bitmap.shift
+        for value, a, b in intervals(self._unflushed):
+            if value:
+                into[a << sh >> g_shift:min(len(into), -(-(b << sh) >> g_shift))] = 1
+
+    def _check_epoch(self) -> int:
         """Notice an NBD target's replaced connection (invariant 7); returns the current
-        generation."""
+        target epoch. Once the job has ended, a lost write is the guest's to hear about
+        (its next fsync fails), not ours to recopy."""
         target = self.target
-        if isinstance(target, NBDImage) and target.generation != self._target_gen:
+        if isinstance(target, NBDImage) and target.generation != self._target_gen \
+                and self.tracking:
             self._target_gen = target.generation
             target.forget_lost_writes()  # handled here: the extents are dirty again
             self._target_lost()
-        return self._target_gen
+        return self._target_epoch
 
     async def fsync(self) -> None:
         serving = self.serving
+        if isinstance(serving, NBDImage):
+            await _retried(serving, serving.flush)
+            return
+        if self._source_flush_failed and serving is self.source:
+            # A checkpoint's fsync took the write-back error the guest must hear about.
+            self._source_flush_failed = False
+            raise OSError(errno.EIO, "writing back the source failed")
         await self._flush(serving)
         if serving is self.source and self.tracking and self._active:
             try:
@@ -399,16 +425,20 @@ class Mirror:
         busy.done.set()
         self._wakeup.set()
 
-    async def _active_change(self, offset: int, length: int, change: Change) -> None:
-        """Write-blocking: source, then target, before the guest's write returns."""
+    async def _active_change(self, offset: int, length: int, change: Change) -> bool:
+        """Write-blocking: source, then target, before the guest's write returns. False if
+        the drain's gate closed while it waited: the caller waits at the gate (invariant 4:
+        nothing may change the images once the drain has seen nothing busy)."""
         a, b = self.bitmap.chunks_of(offset, length)
         # Invariant 2: wait for overlapping copies and active writes, then hold the range
         # (the check and the hold happen with no checkpoint in between).
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
+        if self._gate is not None:
+            return False
         if not self.tracking:  # the job ended while we waited
             await _apply(self.serving, change, offset, offset + length)
-            return
+            return True
         busy = self._hold(a, b, 0)
         try:
             if self.persist is not None and not self.persist.covers(a, b):
@@ -421,7 +451,7 @@ class Mirror:
                 raise
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
-                generation = self._check_generation()
+                epoch = self._check_epoch()
                 try:
                     await _apply(self.target, change, lo, hi)
                 except OSError as e:
@@ -431,9 +461,9 @@ class Mirror:
                     self.bitmap.mark_chunks(a, b)  # cancelled: the target may lack it
                     raise
                 else:
-                    if self._check_generation() != generation:
-                        self.bitmap.mark_chunks(a, b)  # written through a lost connection
-                        return
+                    if self._check_epoch() != epoch:
+                        self.bitmap.mark_chunks(a, b)  # the target may have lost it
+                        return True
                     ca, cb = self._full_chunks(lo, hi)
                     self.bitmap.clear_chunks(ca, cb)
                     self._note_written(lo, hi - lo)
@@ -441,6 +471,7 @@ class Mirror:
                     self.copied_bytes += hi - lo
         finally:
             self._release(busy)
+        return True
 
     def _target_part(self, lo: int, hi: int) -> tuple[int, int]:
         """The part of a guest write that can go to the target now: all of it, except the
@@ -619,11 +650,13 @@ class Mirror:
 
     # ------------------------------------------------------------------ the state file
     def _snapshot(self, into: bitarray) -> None:
-        """What may differ between source and target now: dirty plus in flight."""
-        self._snapshot_gen = self._check_generation()
+        """What may differ between source and target, as far as the disk knows, right after
+        a flush of both: dirty, in flight, and written since the flush began."""
+        self._check_epoch()
         self.bitmap.copy_into(into)
         for busy in self._busy:
             into[busy.a:busy.b] = 1
+        self._unflushed_chunks(into)
 
     async def _log(self, a: int, b: int) -> None:
         """Log chunks [a, b) in the activity log. If the state file cannot be written, the
@@ -633,27 +666,38 @@ class Mirror:
         try:
             await self.persist.log(a, b)
         except OSError as e:
-            path = self.persist.sf.path
-            self.persist = None
-            remove_quietly(path)
-            msg = f"cannot write the state file {path} ({e.strerror}): the job goes on " \
-                  "without one, and a crash now means a full copy"
-            log.error("%s", msg)
-            self.job.emit("error", side="state", message=msg, action="dropped state file")
+            self._drop_state(e)
+
+    def _drop_state(self, e: OSError) -> None:
+        assert self.persist is not None
+        path = self.persist.sf.path
+        self.persist = None
+        remove_quietly(path)
+        msg = f"cannot write the state file {path} ({e.strerror or e}): the job goes on " \
+              "without one, and a crash now means a full copy"
+        log.error("%s", msg)
+        self.job.emit("error", side="state", message=msg, action="dropped state file")
 
     async def checkpoint(self, **fields: Any) -> None:
-        if self.persist is not None:
-            await self.persist.checkpoint(self._snapshot, self._flush_images, **fields)
+        """Save the job's state. Both images are flushed first, outside the state file's
+        lock (a slow target flush must not hold up guest writes that need a log entry);
+        the snapshot then claims clean only what that flush covered (invariant 7)."""
+        if self.persist is None:
+            return
+        await self._flush_images()
+        if self.persist is not None:  # raises StateFileLost if the file is no good now
+            await self.persist.checkpoint(self._snapshot, **fields)
 
     async def _flush_images(self) -> None:
         try:
-            if self._check_generation() != self._snapshot_gen:
-                # writes through the lost connection were dirtied after the snapshot
-                raise OSError(errno.EIO, "the target's connection was replaced")
             await self._flush_target()
         except OSError as e:
             raise CopyError("target", 0, self.size, e) from e
-        await self._flush(self.source)
+        try:
+            await self._flush(self.source)
+        except OSError:
+            self._source_flush_failed = True  # the guest's next fsync must hear of it
+            raise
 
     async def _checkpointer(self) -> None:
         if self.persist is None:
@@ -675,6 +719,8 @@ class Mirror:
                     await self.checkpoint()
                 except CopyError as e:  # the target's flush: its extents are dirty again
                     self._on_error(e)
+                except StateFileLost as e:
+                    self._drop_state(e)
                 except OSError as e:
                     log.error("cannot save the job's state: %s", e)
                     self.job.emit("error", side="state", message=f"saving state: {e}",
@@ -818,7 +864,7 @@ class Mirror:
 
     def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
         start, end = self.bitmap.byte_range(a, b)
-        op = CopyOp(a, b, start, end - start, zero)
+        op = CopyOp(a, b, start, end - start, zero, epoch=self._target_epoch)
         op.busy = self._hold(a, b, end - start)
         return op
 
@@ -839,10 +885,10 @@ class Mirror:
     def _settle(self, ops: list[CopyOp]) -> None:
         now = self._now()
         first_error: CopyError | None = None
-        generation = self._check_generation()
+        epoch = self._check_epoch()
         for op in ops:
-            if op.done and op.generation != generation:
-                op.done = False  # written through a connection that was replaced since
+            if op.done and op.epoch != epoch:
+                op.done = False  # the target may have lost it (invariant 7)
             if not op.done:
                 self.bitmap.mark_chunks(op.a, op.b)  # invariant 3: dirty again first
                 first_error = first_error or op.error
@@ -872,9 +918,9 @@ class Mirror:
         except OSError as e:
             ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
             return
-        generation = self._check_generation()
+        epoch = self._check_epoch()  # a replaced connection: the old epoch's copies are void
         for op in ops:
-            op.generation = generation
+            op.epoch = epoch  # nothing of these is written yet
         plans = await self._run_sync(self._plan_batch, ops, buf)
         async with trio.open_nursery() as nursery:
             for op, plan in zip(ops, plans, strict=False):
@@ -1099,14 +1145,17 @@ class Mirror:
                                 elapsed_seconds=round(self._now() - self._t0, 3))
 
     async def _finish(self) -> None:
-        """The gate is closed, nothing is dirty or in flight: flush, then pivot or end."""
+        """The gate is closed, nothing is dirty or in flight: flush, then pivot or end.
+        Every await is followed by the same check: a checkpoint's failing flush, a pause or
+        a replaced connection may have changed the picture meanwhile; then go round again."""
+        epoch = self._target_epoch
         try:
             await self._flush_target()
         except OSError as e:  # what the flush should have covered is dirty again
             self._open_gate()
             self._on_error(CopyError("target", 0, self.size, e))
             return
-        if self.bitmap.dirty_chunks:  # a connection was replaced: recopy, then flush again
+        if not self._drained(epoch):
             return
         if self.job.state is State.COMPLETING:
             if self.persist is not None:
@@ -1118,10 +1167,20 @@ class Mirror:
                     self._open_gate()
                     self._fail(f"cannot record the pivot in the state file: {e}")
                     return
+                if not self._drained(epoch):
+                    with contextlib.suppress(OSError):  # not pivoting after all
+                        await self.persist.set_fields(phase="running")
+                    return
             self.serving = self.target  # from now on the guest's I/O goes to the target
             self._end(State.COMPLETED, consistent=True)
         elif self.job.state is State.CANCELLING:
             self._end(State.CANCELLED, consistent=True)
+
+    def _drained(self, epoch: int) -> bool:
+        """Still draining, gate closed, nothing busy or dirty, no loss since ``epoch``?"""
+        return (self.job.state in (State.COMPLETING, State.CANCELLING)
+                and self._gate is not None and not self._busy
+                and not self.bitmap.dirty_chunks and self._check_epoch() == epoch)
 
     def _end(self, state: State, consistent: bool) -> None:
         assert state in ENDED

@@ -526,6 +526,12 @@ class _Req:
 
 
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_FLUSH_FACTOR = 10  # while a FLUSH is outstanding, io_timeout counts this many times
+
+
+def _plain(e: BaseException) -> OSError:
+    text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    return OSError((e.errno if isinstance(e, OSError) else None) or errno.ECONNRESET, text)
 _WRITES = (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)
 
 
@@ -546,6 +552,7 @@ class _Conn:
         self.last_rx = trio.current_time()  # when the server last answered anything
         self.acked_writes = 0  # writes the server acknowledged on this connection
         self.flushed_writes = 0  # ... of which a successful flush covers
+        self.flushes = 0  # FLUSH requests awaiting their reply
 
     # -------------------------------------------------------------- state
     @property
@@ -566,7 +573,9 @@ class _Conn:
         """Make the connection unusable: the stream is closed at once, so the reader stops
         and fails everything pending."""
         if self.error is None:
-            self.error = why
+            # Keep the message, not the exception: its traceback would hold the frames
+            # of the request that failed, and with them views of the guest's data.
+            self.error = _plain(why)
         if isinstance(self.w.stream, trio.SocketStream):
             self.w.stream.socket.close()  # wakes the reader; no await needed
         else:
@@ -596,6 +605,8 @@ class _Conn:
             self.pending[handle] = req
             req.acked_before = self.acked_writes
             req.sent_at = trio.current_time()
+            if cmd == CMD_FLUSH:
+                self.flushes += 1
             header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
             try:
                 # A message once begun is finished even if the caller is cancelled: half a
@@ -619,15 +630,17 @@ class _Conn:
         """The outcome of a submitted request: None on success.
 
         ``io_timeout`` is a liveness check: the connection is declared lost when the server
-        has answered nothing at all for that long while this request waits. A flush has no
-        limit: a server with a large write-back cache may take minutes, and giving up on it
-        would only force a recopy."""
+        has answered nothing at all for that long while this request waits. While a flush
+        is outstanding the limit is ``_FLUSH_FACTOR`` times longer, for every request: a
+        server with a large write-back cache may take minutes to flush, and one that answers
+        in order sends nothing else meanwhile."""
         try:
-            limit = math.inf if req.cmd == CMD_FLUSH else self.io_timeout
             while not req.event.is_set():
+                limit = self.io_timeout * (_FLUSH_FACTOR if self.flushes else 1)
                 deadline = max(self.last_rx, req.sent_at) + limit
                 with trio.move_on_at(deadline):
                     await req.event.wait()
+                limit = self.io_timeout * (_FLUSH_FACTOR if self.flushes else 1)
                 if not req.event.is_set() and trio.current_time() >= \
                         max(self.last_rx, req.sent_at) + limit:
                     req.buf = None
@@ -694,6 +707,8 @@ class _Conn:
                 if cur is None:
                     raise _ProtocolError(f"reply for unknown handle {handle}")
                 self.last_rx = trio.current_time()
+                if cur.cmd == CMD_FLUSH:
+                    self.flushes -= 1
                 if cur.cmd == CMD_READ and err == 0:
                     await w.recv_into(cur, cur.length)
                 cur.err = err
@@ -707,9 +722,10 @@ class _Conn:
             why = e
         finally:  # also when cancelled: nobody may wait for ever
             if self.error is None:
-                self.error = why
+                self.error = _plain(why)
             reqs = list(self.pending.values())
             self.pending.clear()
+            self.flushes = 0
             if cur is not None:
                 reqs.append(cur)
             lost = self.lost()

@@ -15,10 +15,12 @@ every chunk of the extents set in the activity log (DRBD's idea). So:
 * Otherwise its extents must be in the activity log *on disk* (written and fdatasync'd)
   before the write reaches the source. That costs one small synchronous metadata write per
   extent (4 MiB by default), not per guest write.
-* A checkpoint writes the current dirty bitmap (dirty plus in flight) into the inactive slot
-  with an empty activity log, syncs, then switches the header to it. Until the switch the old
-  slot is valid; the new P is a subset of the old P plus the old log. Writes that need a log
-  entry wait for the checkpoint and log into the new slot.
+* A checkpoint first flushes both images, then writes what may still differ (dirty, in
+  flight, written since that flush began) into the inactive slot with an empty activity log,
+  syncs, and switches the header to it. Until the switch the old slot is valid. Writes that
+  need a log entry wait for the checkpoint and log into the new slot; writes the new P covers
+  skip the log, so a checkpoint that fails puts every extent of its P into the old log
+  before it lets go.
 * A clean stop is a checkpoint with ``clean: true``. After a crash, the resumed job copies P
   plus the logged extents: nothing else can differ.
 """
@@ -27,11 +29,12 @@ import contextlib
 import json
 import os
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
 from bitarray import bitarray
+from bitarray.util import intervals
 
 BLOCK = 4096
 MAGIC = "mirrorfs-state"
@@ -119,6 +122,11 @@ class StateFile:
         os.fdatasync(self.fd)
         self.header = h
 
+    def write_log(self, al: bitarray) -> None:
+        """Write the current slot's whole activity log, sync."""
+        _pwrite_all(self.fd, _padded(al, self.al_bytes), self._slot_off(self.header["slot"]))
+        os.fdatasync(self.fd)
+
     def log_extent(self, al: bitarray, extent: int) -> None:
         """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
         byte = extent // 8
@@ -166,6 +174,10 @@ def identity(fd: int) -> dict[str, int]:
     return {"dev": st.st_dev, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
 
 
+class StateFileLost(OSError):
+    """The state file no longer says what a resumed job must copy: stop using it."""
+
+
 class ActivityLog:
     """The in-memory side of the state file, used by the mirror's write path.
 
@@ -205,34 +217,44 @@ class ActivityLog:
                     await self._run_sync(self.sf.log_extent, self.al, e)
                     self.al_writes += 1
 
-    async def checkpoint(self, fill: Callable[[bitarray], None],
-                         flush: Callable[[], Awaitable[None]], **fields: Any) -> None:
-        """Persist a snapshot of the dirty and in-flight chunks and empty the log.
+    async def checkpoint(self, fill: Callable[[bitarray], None], **fields: Any) -> None:
+        """Persist a snapshot of the chunks that may differ and empty the log.
 
         ``fill`` writes the snapshot into ``self.p`` in place (no second copy of a bitmap
         that is 32 MiB for 16 TiB), under the lock, so no write can slip between it and the
-        switch to the new log. ``flush`` makes the images durable first: P must never say
-        "clean" about a chunk whose copy is still only in the page cache."""
+        switch to the new log. The caller has flushed both images first: P must never say
+        "clean" about a chunk whose copy is still only in a cache."""
         async with self.lock:
             old_al = self.al.copy()
             fill(self.p)
             # From here, writes not covered by the new P need a log entry in the new slot:
-            # they queue on the lock. Writes covered by it are safe in the old slot as well.
+            # they queue on the lock. Writes covered by it skip the log: safe once this P is
+            # on disk, and made safe below if it never gets there.
             self.al.setall(0)
-
             try:
-                await flush()
                 await self._run_sync(lambda: self.sf.write_checkpoint(self.p, **fields))
             except BaseException:
-                # The header still names the old slot: its P and its log are what is on
-                # disk, and later log entries go into that log block, which must keep the
-                # old bits (else a crash forgets the extents logged before). The old P is
-                # gone from memory: an empty one is the safe stand-in (every write to an
-                # extent not in the log logs it first).
-                self.p.setall(0)
-                self.al = old_al
+                self._undo(old_al)
                 raise
             self.checkpoints += 1
+
+    def _undo(self, old_al: bitarray) -> None:
+        """A checkpoint failed: the header still names the old slot, whose P and log are what
+        is on disk. Guest writes may have skipped the log because the new P covered them:
+        every extent of the new P goes into the old log, on disk, before anything else
+        (else a crash would forget them). The new P is dropped from memory; an empty one is
+        the safe stand-in (every write to an extent not in the log logs it first). Raises
+        StateFileLost if the log cannot be written: the state file cannot be trusted."""
+        for value, a, b in intervals(self.p):
+            if value:
+                old_al[a >> self.ext_shift:((b - 1) >> self.ext_shift) + 1] = 1
+        self.p.setall(0)
+        self.al = old_al
+        try:
+            self.sf.write_log(self.al)  # small and rare: inline, also when cancelled
+        except OSError as e:
+            raise StateFileLost(e.errno, f"cannot write the activity log: "
+                                f"{e.strerror or e}") from e
 
     async def set_fields(self, **fields: Any) -> None:
         async with self.lock:

@@ -16,6 +16,7 @@ import trio.testing
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State, VerbRefused
 from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -37,6 +38,9 @@ class FaultyImage(FileImage):
         self.write_half = False
         self.fail_flush = 0  # this many flushes fail, losing what was written (see flush)
         self.gate: threading.Event | None = None  # a worker's writes wait for it
+        self.gate_after = 0  # ... except this many first ones
+        self.gate_reached = threading.Event()
+        self.worker_writes = 0
         self.writes: list[tuple[int, int]] = []
 
     @classmethod
@@ -45,7 +49,10 @@ class FaultyImage(FileImage):
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> int:
         if self.gate is not None and threading.current_thread() is not threading.main_thread():
-            self.gate.wait(10)
+            self.worker_writes += 1
+            if self.worker_writes > self.gate_after:
+                self.gate_reached.set()
+                self.gate.wait(10)
         err = self.fail_write(offset, len(data))
         if err:
             if self.write_half:  # a write that fails halfway (ENOSPC after some blocks)
@@ -531,3 +538,96 @@ async def test_a_failed_target_flush_makes_its_copies_dirty_again(tmp_path: Path
         m.complete()
         await wait_state(m, State.COMPLETED)
     assert same(src, tgt)
+
+
+async def test_a_copy_in_flight_across_a_failed_flush_is_copied_again(tmp_path: Path) -> None:
+    """Invariant 7: a batch's first op lands on the target, then a flush fails and loses it
+    before the batch has settled. The op must not count as copied."""
+    src, tgt = make_pair(tmp_path, 1 * MiB)
+    tgt.gate, tgt.gate_after = threading.Event(), 1  # op 1 lands, op 2 waits
+    m = Mirror(src, tgt, cfg(max_op_bytes=64 * KiB, batch_bytes=128 * KiB, buf_size=128 * KiB,
+                             copy_mode=CopyMode.WRITE_BLOCKING,
+                             on_target_error=ErrorPolicy.IGNORE))
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await trio.to_thread.run_sync(tgt.gate_reached.wait, 10)
+        tgt.fail_flush = 1
+        await m.fsync()  # write-blocking: flushes the target, which loses op 1
+        tgt.gate.set()
+        await wait_state(m, State.READY, limit=30)
+        m.complete()
+        await wait_state(m, State.COMPLETED, limit=30)
+    assert same(src, tgt)
+
+
+class _SlowTarget(NBDImage):
+    """An async target (NBD's interface, no server) whose writes can wait on a hook."""
+
+    def __init__(self, size: int) -> None:  # no connection: only what the mirror uses
+        self.path, self.size, self.generation = "nbd://test", size, 0
+        self.data = bytearray(size)
+        self.can_zero, self._zero_ok, self._lost_writes, self._closed = True, True, False, False
+        self.hooks: dict[int, Callable[[], Any]] = {}
+
+    async def reconnect(self, force: bool = False) -> bool:
+        return False
+
+    async def pwrite(self, data: bytes | memoryview, offset: int) -> int:
+        hook = self.hooks.pop(offset, None)
+        if hook is not None:
+            await hook()
+        self.data[offset:offset + len(data)] = data
+        return len(data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self.data[offset:offset + length] = bytes(length)
+
+    async def pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.data[offset:offset + length])
+
+    async def flush(self) -> None:
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("trial", range(8))
+async def test_an_active_write_never_slips_past_the_pivot(tmp_path: Path, trial: int) -> None:
+    """Invariant 4: a write-blocking write that waited for an overlapping one when the
+    drain's gate closed waits at the gate; it then goes to the live target, and if that
+    fails the guest hears of it. Never acknowledged and missing."""
+    src, _ = make_pair(tmp_path, 1 * MiB)
+    tgt = _SlowTarget(1 * MiB)
+    m = Mirror(src, tgt, cfg(copy_mode=CopyMode.WRITE_BLOCKING))
+    release = trio.Event()
+
+    async def fail_later() -> None:
+        await trio.sleep(0.05)
+        raise OSError(errno.EIO, "the target failed")
+
+    outcome: list[object] = []
+
+    async def w2() -> None:
+        try:
+            outcome.append(await m.write(4096, b"2" * 4096))  # same chunk as W1
+        except OSError as e:
+            outcome.append(e)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY, limit=30)
+        tgt.hooks[0] = release.wait
+        tgt.hooks[4096] = fail_later
+        n.start_soon(m.write, 0, b"1" * 4096)  # W1: its target write waits
+        await trio.sleep(0.01)
+        n.start_soon(w2)
+        await trio.sleep(0.01)
+        m.complete()
+        await trio.sleep(0.01)
+        release.set()
+        await wait_state(m, State.COMPLETED, limit=30)
+        with trio.fail_after(5):
+            while not outcome:
+                await trio.sleep(0.01)
+    if outcome == [4096]:
+        assert tgt.data[4096:8192] == b"2" * 4096
+    else:
+        assert isinstance(outcome[0], OSError)

@@ -75,7 +75,7 @@ async def test_activity_log_covers_and_logs_once(tmp_path: Path) -> None:
         p.setall(0)
         p[3] = 1
 
-    await alog.checkpoint(fill, _nothing)
+    await alog.checkpoint(fill)
     assert not alog.covers(64, 65), "a checkpoint empties the log"
     assert alog.covers(3, 4) and not alog.covers(0, 1)
     sf.close()
@@ -95,9 +95,5 @@ async def test_checkpoint_snapshot_is_taken_under_the_lock(tmp_path: Path) -> No
         n.start_soon(logger)
         while not alog.lock.locked():
             await trio.lowlevel.checkpoint()
-        await alog.checkpoint(lambda p: taken.append(alog.al.any()), _nothing)
+        await alog.checkpoint(lambda p: taken.append(alog.al.any()))
     assert taken == [True], "the snapshot ran before a pending log entry was done"
-
-
-async def _nothing() -> None:
-    pass
