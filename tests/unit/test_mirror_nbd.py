@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,24 @@ async def _wait(m: Mirror, *states: State) -> None:
     with trio.fail_after(60):
         while m.job.state not in states:
             await trio.sleep(0.01)
+
+
+async def _kill_then_finish(
+        m: Mirror, server: subprocess.Popen[bytes],
+        restart: Callable[[], contextlib.AbstractContextManager[subprocess.Popen[bytes]]],
+        while_down: Callable[[], Awaitable[None]]) -> None:
+    """SIGKILL the server mid-copy: with the stop policy the job pauses; then restart the
+    server, resume at full speed, and complete."""
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    await _wait(m, State.PAUSED)
+    await while_down()
+    with restart():
+        m.set_speed(0)
+        m.resume()
+        await _wait(m, State.READY)
+        m.complete()
+        await _wait(m, State.COMPLETED)
 
 
 async def test_mirror_to_nbd_with_writes_then_pivot(tmp_path: Path, nbd_tools: None) -> None:
@@ -99,17 +118,14 @@ async def test_server_killed_mid_copy_stop_policy(tmp_path: Path, nbd_tools: Non
                 with trio.fail_after(30):
                     while m.copied_bytes < MiB:
                         await trio.sleep(0.01)
-                server.send_signal(signal.SIGKILL)
-                server.wait()
-                await _wait(m, State.PAUSED)
-                assert "writing the target" in (m.job.error or "")
-                await m.write(3 * MiB, b"while the server is down")
-                with qemu_nbd(exp, tmp_path, sock=sock):
-                    m.set_speed(0)
-                    m.resume()
-                    await _wait(m, State.READY)
-                    m.complete()
-                    await _wait(m, State.COMPLETED)
+
+
+                async def while_down() -> None:
+                    assert "writing the target" in (m.job.error or "")
+                    await m.write(3 * MiB, b"while the server is down")
+
+                await _kill_then_finish(m, server, lambda: qemu_nbd(exp, tmp_path, sock=sock),
+                                        while_down)
     assert Path(exp).read_bytes() == Path(src.path).read_bytes()
     src.close()
 
@@ -175,16 +191,12 @@ async def test_writes_acknowledged_then_lost_in_the_server_cache_are_recopied(
                 with trio.fail_after(30):
                     while m.copied_bytes < 2 * MiB:
                         await trio.sleep(0.01)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                await _wait(m, State.PAUSED)
-                sock.unlink(missing_ok=True)
-                with server():
-                    m.set_speed(0)
-                    m.resume()
-                    await _wait(m, State.READY)
-                    m.complete()
-                    await _wait(m, State.COMPLETED)
+
+
+                async def while_down() -> None:
+                    sock.unlink(missing_ok=True)
+
+                await _kill_then_finish(m, proc, server, while_down)
     assert Path(exp).read_bytes() == Path(src.path).read_bytes()
     src.close()
 
