@@ -307,19 +307,26 @@ class _Wire:
     """A trio stream with exact-length reads: what the NBD layers above need."""
 
     RECV = 256 << 10
+    SEND = 256 << 10
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._rest = bytearray()  # received beyond what was asked for
 
-    async def send(self, *parts: Buffer) -> None:
+    async def send(self, *parts: Buffer, stall_s: float = math.inf) -> None:
         """Write ``parts`` in order. A small payload goes out with its header in one piece;
-        a large one is sent from the caller's buffer, not copied."""
+        a large one is sent from the caller's buffer, not copied, in pieces: a server that
+        takes no piece for ``stall_s`` is stuck (TimeoutError), one on a slow link is not."""
         if len(parts) == 2 and len(parts[1]) <= 16 << 10:
             parts = (bytes(parts[0]) + bytes(parts[1]),)
         for p in parts:
-            if len(p):
-                await self.stream.send_all(p)
+            view = memoryview(p)
+            for pos in range(0, len(view), self.SEND):
+                with trio.move_on_after(stall_s) as scope:
+                    await self.stream.send_all(view[pos:pos + self.SEND])
+                if scope.cancelled_caught:
+                    raise TimeoutError(errno.ETIMEDOUT, f"the server took no data for "
+                                       f"{stall_s:g} s")
 
     async def recv_into(self, sink: "memoryview | _Req", n: int) -> None:
         """Receive exactly ``n`` bytes into a buffer, or into a read request's buffer for as
@@ -590,13 +597,9 @@ class _Conn:
         """Send one request. Once this returns, the request completes (reply or failure)
         and ``wait`` must be called; raises only if nothing was sent."""
         req = _Req(cmd, offset, length, buf)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with trio.move_on_after(self.io_timeout) as scope:
-            await self.send_lock.acquire()
-        if scope.cancelled_caught:
-            self.fail(TimeoutError(errno.ETIMEDOUT, f"could not send for "
-                                   f"{self.io_timeout:g} s"))
-            raise self.lost()
+        # No time limit on the queue for the wire: whoever holds it is bounded by the
+        # server's progress, and a slow link with many requests queued is not a dead one.
+        await self.send_lock.acquire()
         try:
             if self.error is not None or self.closing:
                 raise self.lost()
@@ -604,24 +607,21 @@ class _Conn:
             self.next_handle += 1
             self.pending[handle] = req
             req.acked_before = self.acked_writes
-            req.sent_at = trio.current_time()
             if cmd == CMD_FLUSH:
                 self.flushes += 1
             header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
             try:
                 # A message once begun is finished even if the caller is cancelled: half a
-                # message would end the connection for every other request on it. Bounded
-                # by io_timeout, since a server that stops reading must not hang us.
-                with trio.CancelScope(shield=True), \
-                        trio.move_on_after(self.io_timeout) as scope:
+                # message would end the connection for every other request on it. A server
+                # that stops reading for io_timeout ends it instead.
+                with trio.CancelScope(shield=True):
                     if payload is None:
-                        await self.w.send(header)
+                        await self.w.send(header, stall_s=self.io_timeout)
                     else:
-                        await self.w.send(header, payload)
-                if scope.cancelled_caught:
-                    self.fail(TimeoutError(errno.ETIMEDOUT, "the server stopped reading"))
-            except _STREAM_ERRORS as e:
+                        await self.w.send(header, payload, stall_s=self.io_timeout)
+            except _STREAM_ERRORS as e:  # TimeoutError too
                 self.fail(e)  # the reader fails ``req``
+            req.sent_at = trio.current_time()  # replies can only come once it is all out
         finally:
             self.send_lock.release()
         return req

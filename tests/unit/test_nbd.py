@@ -601,14 +601,17 @@ async def test_io_timeout(tmp_path: Path, nbd_tools: None) -> None:
 
 
 # ------------------------------------------------------------------------------ a fake server
-async def _fake_server(stream: trio.SocketStream, size: int) -> None:
+async def _fake_server(stream: trio.SocketStream, size: int, slow: bool = False) -> None:
     """Fixed newstyle, NBD_OPT_GO, then: a read's payload comes in two halves 0.5 s apart
-    (0xAA, then 0xBB); a flush is answered after 1.5 s; anything else at once."""
+    (0xAA, then 0xBB); a flush is answered after 1.5 s; anything else at once. ``slow``: a
+    slow link, 64 KiB every 0.1 s."""
 
     async def exactly(n: int) -> bytes:
         out = bytearray()
         while len(out) < n:
-            data = await stream.receive_some(n - len(out))
+            if slow:
+                await trio.sleep(0.1)
+            data = await stream.receive_some(min(n - len(out), 64 << 10))
             if not data:
                 raise EOFError
             out += data
@@ -669,5 +672,29 @@ async def test_a_cancelled_read_never_writes_into_the_callers_buffer(tmp_path: P
         await img.flush()  # answered after 1.5 s, past io_timeout: still fine
         assert img.connected
         assert await img.pread(8, 0) == b"\xAA" * 4 + b"\xBB" * 4
+        await img.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_link_is_not_a_dead_server(tmp_path: Path) -> None:
+    """Writes that take longer than io_timeout to go out, on a link that keeps moving,
+    succeed: the limit is on the server taking no data at all."""
+    path = str(tmp_path / "slow.sock")
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(path)
+    listener.listen()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await _fake_server(stream, 16 * MiB, slow=True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+        img = await NBDImage.connect(f"nbd+unix:///?socket={path}", nursery, io_timeout=1)
+        start = trio.current_time()
+        async with trio.open_nursery() as writers:  # 2 MiB queued: about 3 s on this link
+            for i in range(2):
+                writers.start_soon(img.pwrite, bytes(MiB), i * MiB)
+        assert trio.current_time() - start > 1.5  # longer than io_timeout, and still fine
+        assert img.connected
         await img.close()
         nursery.cancel_scope.cancel()
