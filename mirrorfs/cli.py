@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mirrorfs.sizes import format_size, parse_size
+from mirrorfs.system import alive
 
 GRANULARITY_MIN, GRANULARITY_MAX = 4 << 10, 64 << 20
 ENDED = ("completed", "cancelled", "failed")
@@ -97,13 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let other users use the image (by its mode)")
     m.add_argument("--debug", action="store_true", help="log debug messages")
     m.add_argument("--log", dest="log_file", metavar="FILE", help="log to FILE")
-    m.add_argument("--state", metavar="FILE",
-                   help="the job's state file (default: TARGET.mirrorfs)")
+    state = m.add_mutually_exclusive_group()
+    state.add_argument("--state", metavar="FILE",
+                       help="the job's state file (default: TARGET.mirrorfs)")
+    state.add_argument("--no-state", action="store_true",
+                       help="keep no state file (a crash or restart then means a full copy)")
     m.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="S",
                    help="save the copy's progress in the state file every S seconds "
                         "(default 10; also at ready and when the activity log fills)")
-    m.add_argument("--no-state", action="store_true",
-                   help="keep no state file (a crash or restart then means a full copy)")
     m.add_argument("--fresh", action="store_true",
                    help="ignore a saved state and start a new mirror")
     m.add_argument("--tls-ca", metavar="FILE", help="nbds:// targets: the CA certificate")
@@ -324,19 +326,12 @@ def cmd_umount(a: argparse.Namespace) -> int:
         raise CliError(f"cannot unmount {mnt}: {msg}")
     if isinstance(pid, int):
         deadline = time.monotonic() + a.timeout
-        while _alive(pid):
+        while alive(pid):
             if time.monotonic() > deadline:
                 raise CliError(f"unmounted, but the daemon (pid {pid}) is still running")
             time.sleep(0.05)
     return 0
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:

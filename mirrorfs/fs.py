@@ -93,7 +93,8 @@ class MirrorOperations(pyfuse3.Operations):
             if stat.S_ISBLK(src.st_mode):
                 a.st_mode = stat.S_IFREG | 0o600
             a.st_uid, a.st_gid = src.st_uid, src.st_gid
-            st = os.fstat(m.serving.fd) if m.serving.fd >= 0 else src
+            serving_fd = m.serving.fd
+            st = src if serving_fd in (-1, m.source.fd) else os.fstat(serving_fd)
             a.st_size = m.size
             a.st_blocks = st.st_blocks if stat.S_ISREG(st.st_mode) else m.size // 512
             a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = (st.st_atime_ns, st.st_mtime_ns,

@@ -48,6 +48,7 @@ class Image(Protocol):
     def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def copy_in(self, src: "Image", offset: int, length: int) -> bool: ...
+    def can_copy_from(self, src: "Image") -> bool: ...
     @property
     def zeroes_cheaply(self) -> bool: ...
     def fallocate(self, mode: int, offset: int, length: int) -> None: ...
@@ -122,6 +123,10 @@ class FileImage:
             self.pwrite(memoryview(ZERO_BLOCK)[:n], offset)
             offset += n
 
+    def can_copy_from(self, src: Image) -> bool:
+        """May ``copy_in`` work from ``src``? (Two regular files; false once it failed.)"""
+        return self._copy_ok and src.fd >= 0 and not src.is_block
+
     def copy_in(self, src: Image, offset: int, length: int) -> bool:
         """Copy bytes [offset, offset + length) of ``src`` to the same place in this file
         inside the kernel (copy_file_range(2)): no trip through user space, and a shared
@@ -129,7 +134,7 @@ class FileImage:
         (another file system, a device, an NBD source), and from then on; the caller then
         copies through a buffer. Other errors raise and the caller retries through a buffer,
         which tells a source error from a target error."""
-        if not self._copy_ok or src.fd < 0 or src.is_block:
+        if not self.can_copy_from(src):
             return False
         pos, end = offset, offset + length
         while pos < end:

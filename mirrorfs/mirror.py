@@ -59,7 +59,7 @@ Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD 
 Segment = tuple[int, int, memoryview | None]  # offset, length, data (None: make it zeros)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class _Write:
     """A guest's write, to be applied to one or more images, in parts [lo, hi)."""
 
@@ -73,7 +73,7 @@ class _Write:
         await img.pwrite(self.data[lo - self.offset:hi - self.offset], lo)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class _Fallocate:
     """A guest's punch-hole or zero-range."""
 
@@ -156,7 +156,6 @@ class CopyOp:
     offset: int  # byte range, clipped to the image size
     length: int
     zero: bool  # the source has a hole here: make the target read zeros, read nothing
-    cost: int = 0  # bytes charged to the speed limit and buf-size (data sent or written)
     done: bool = False
     error: CopyError | None = None
     zero_bytes: int = 0
@@ -222,8 +221,7 @@ class Mirror:
         self._source_flush_failed = False  # a checkpoint's fsync of the source failed
         # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
         # first refusal, for good.
-        self._kernel_copy = not isinstance(target, NBDImage) and source.fd >= 0 \
-            and target.fd >= 0
+        self._kernel_copy = not isinstance(target, NBDImage) and target.can_copy_from(source)
         # statistics
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
@@ -325,12 +323,9 @@ class Mirror:
         try:
             change.local(self.source, offset, offset + length)
         finally:
-            self._marked(offset, length)
-
-    def _marked(self, offset: int, length: int) -> None:
-        self.bitmap.mark(offset, length)  # invariant 1: only after the data is in the source
-        if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
-            self._wakeup.set()
+            self.bitmap.mark(offset, length)  # invariant 1: after the data is in the source
+            if self._copier_idle:  # else a batch's end or a timer wakes the loop anyway
+                self._wakeup.set()
 
     async def _flush(self, img: Target) -> None:
         if isinstance(img, NBDImage):
@@ -365,21 +360,18 @@ class Mirror:
 
     def _target_lost(self) -> None:
         """What the target acknowledged since its last good flush may be gone: dirty it."""
-        sh, g_shift = self._unflushed_shift, self.bitmap.shift
-        for value, a, b in intervals(self._unflushed):
-            if value:
-                self.bitmap.mark_chunks(a << sh >> g_shift,
-                                        min(self.bitmap.nchunks, -(-(b << sh) >> g_shift)))
+        for a, b in self._unflushed_chunk_runs():
+            self.bitmap.mark_chunks(a, b)
         self._unflushed.setall(0)
         self._target_epoch += 1  # what is in flight now may have landed before the loss
         self._wakeup.set()
 
-    def _unflushed_chunks(self, into: bitarray) -> None:
-        """Mark in ``into`` (a chunk bitmap) the chunks of the unflushed extents."""
-        sh, g_shift = self._unflushed_shift, self.bitmap.shift
+    def _unflushed_chunk_runs(self) -> Iterator[tuple[int, int]]:
+        """The chunk ranges [a, b) of the unflushed extents."""
+        sh, g_shift, n = self._unflushed_shift, self.bitmap.shift, self.bitmap.nchunks
         for value, a, b in intervals(self._unflushed):
             if value:
-                into[a << sh >> g_shift:min(len(into), -(-(b << sh) >> g_shift))] = 1
+                yield a << sh >> g_shift, min(n, -(-(b << sh) >> g_shift))
 
     def _check_epoch(self) -> int:
         """Notice an NBD target's replaced connection (invariant 7); returns the current
@@ -656,7 +648,8 @@ class Mirror:
         self.bitmap.copy_into(into)
         for busy in self._busy:
             into[busy.a:busy.b] = 1
-        self._unflushed_chunks(into)
+        for a, b in self._unflushed_chunk_runs():
+            into[a:b] = 1
 
     async def _log(self, a: int, b: int) -> None:
         """Log chunks [a, b) in the activity log. If the state file cannot be written, the
@@ -786,10 +779,9 @@ class Mirror:
                     return self.bucket.delay(now, batch_bytes)
                 if allowance is not None:
                     budget = min(budget, allowance)
-            ops = self._pick(max(budget, cfg.granularity))
+            ops, data = self._pick(max(budget, cfg.granularity))
             if not ops:
                 return 0.0
-            data = sum(op.cost for op in ops)
             if not unthrottled:
                 self.bucket.charge(data, self._now())
             self._batches += 1
@@ -823,12 +815,15 @@ class Mirror:
                 return a, bm.run_end(a, limit)
         return None
 
-    def _pick(self, data_budget: int) -> list[CopyOp]:
-        """Choose the next ops, clear their dirty bits and hold their ranges.
+    def _pick(self, data_budget: int) -> tuple[list[CopyOp], int]:
+        """Choose the next ops, clear their dirty bits and hold their ranges. Returns them
+        and the bytes they charge to the speed limit and buf-size: their data, and their
+        zeros too where the target cannot zero cheaply (the zeros are sent as data).
 
         Invariant 1: the bits are cleared here, before any worker reads the source."""
         cfg, bm = self.cfg, self.bitmap
         g, shift = cfg.granularity, bm.shift
+        cheap_zeroes = self.target.zeroes_cheaply
         op_chunks = max(1, cfg.max_op_bytes >> shift)
         ops: list[CopyOp] = []
         data = 0
@@ -847,20 +842,19 @@ class Mirror:
                 if d >= start + g or d >= self.size:
                     # a hole covers whole chunks: one op, however long, reads nothing
                     e = b if d >= self.size else min(b, d >> shift)
-                    if not self.target.zeroes_cheaply:  # zeros are sent as data
+                    if not cheap_zeroes:  # sized like data
                         e = min(e, a + min(op_chunks, room))
                     op = self._make_op(a, e, zero=True)
                 else:
                     e = min(b, a + min(op_chunks, room))
                     op = self._make_op(a, e, zero=False)
-                if not op.zero or not self.target.zeroes_cheaply:
-                    op.cost = op.length
+                if not op.zero or not cheap_zeroes:
                     data += op.length
                 bm.clear_chunks(op.a, op.b)
                 ops.append(op)
                 a = op.b
             self._cursor = a if a < bm.nchunks else 0
-        return ops
+        return ops, data
 
     def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
         start, end = self.bitmap.byte_range(a, b)
@@ -1038,14 +1032,18 @@ class Mirror:
         n = len(view)
         out: list[Segment] = []
         pos = 0
+        is_zero = self._is_zero(view, 0, min(step, n))
         while pos < n:
-            is_zero = self._is_zero(view, pos, min(pos + step, n))
             end = pos + step
-            while end < n and self._is_zero(view, end, min(end + step, n)) == is_zero:
+            nxt = is_zero
+            while end < n:  # extend the run while the next chunk is of the same kind
+                nxt = self._is_zero(view, end, min(end + step, n))
+                if nxt != is_zero:
+                    break
                 end += step
             end = min(end, n)
             out.append((offset + pos, end - pos, None if is_zero else view[pos:end]))
-            pos = end
+            pos, is_zero = end, nxt
         return out
 
     def _read_source(self, view: memoryview, offset: int) -> None:

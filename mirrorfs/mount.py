@@ -37,6 +37,7 @@ from mirrorfs.state import (
     identity,
     remove_quietly,
 )
+from mirrorfs.system import mount_points
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,7 @@ class Prepared:
 
     async def aclose(self) -> None:
         self.source.close()
-        if isinstance(self.target, NBDImage):
-            await self.target.close()
-        else:
-            self.target.close()
+        await _close_target(self.target)
         if self.statefile is not None:
             self.statefile.close()
             if self.state_created:
@@ -112,14 +110,9 @@ def _stat(path: str, what: str) -> os.stat_result:
         raise MountError(f"{what} {path}: {e.strerror}") from None
 
 
-def mount_table() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4].replace("\\040", " ") for line in f]
-
-
 def check_mountpoint(path: str, notes: list[str]) -> str:
     mnt = os.path.abspath(path)
-    if mnt in mount_table():
+    if mnt in mount_points():
         try:
             os.stat(mnt)
         except OSError as e:
@@ -127,7 +120,7 @@ def check_mountpoint(path: str, notes: list[str]) -> str:
                 raise MountError(f"mountpoint {mnt}: {e.strerror}") from None
             # A daemon that died (kill -9, crash) leaves a dead FUSE mount behind.
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
-            if mnt in mount_table():
+            if mnt in mount_points():
                 raise MountError(f"mountpoint {mnt} holds a dead mount that could not be "
                                  "removed (try: umount -l)") from None
             notes.append(f"removed the dead mount left at {mnt} by a daemon that had died")
@@ -250,14 +243,19 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
         _prepare_state(prep, opts)
     except BaseException:
         source.close()
-        if isinstance(target, NBDImage):
-            await target.close()
-        elif target is not None:
-            target.close()
-            if created:
-                remove_quietly(tgt)
+        if target is not None:
+            await _close_target(target)
+        if created:
+            remove_quietly(tgt)
         raise
     return prep
+
+
+async def _close_target(target: Target) -> None:
+    if isinstance(target, NBDImage):
+        await target.close()  # NBD_CMD_DISC first
+    else:
+        target.close()
 
 
 # ====================================================================== the state file
@@ -276,9 +274,7 @@ def _image_id(img: Target) -> dict[str, Any]:
 
 
 def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
-    if opts.no_state:
-        if opts.state:
-            raise MountError("--state and --no-state contradict each other")
+    if opts.no_state:  # the CLI refuses --state with it
         return
     path = _state_path(opts, prep.target)
     if path is None:
@@ -546,8 +542,8 @@ async def _save_final_state(mirror: Mirror) -> None:
             return
         # unmounted and the copier stopped: nothing changes the images any more
         target = mirror.target
-        if isinstance(target, NBDImage) and not target.connected:
-            with contextlib.suppress(OSError):  # the unflushed extents become dirty
+        if isinstance(target, NBDImage):  # a lost connection: its unflushed extents get dirty
+            with contextlib.suppress(OSError):
                 await target.reconnect()
         await mirror.checkpoint(phase="running", clean=True,
                                 source=_image_id(mirror.source),

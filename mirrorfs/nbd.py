@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ZERO_BLOCK
 
 Buffer = bytes | bytearray | memoryview
 
@@ -65,15 +65,11 @@ FLAG_C_NO_ZEROES = 1 << 1
 # options
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
-OPT_LIST = 3
 OPT_STARTTLS = 5
-OPT_INFO = 6
 OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
 
 # option replies
 REP_ACK = 1
-REP_SERVER = 2
 REP_INFO = 3
 REP_FLAG_ERROR = 1 << 31
 REP_ERR_UNSUP = REP_FLAG_ERROR + 1
@@ -87,32 +83,20 @@ REP_ERR_BLOCK_SIZE_REQD = REP_FLAG_ERROR + 8
 REP_ERR_TOO_BIG = REP_FLAG_ERROR + 9
 
 INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
 # transmission flags
 TFLAG_HAS_FLAGS = 1 << 0
 TFLAG_READ_ONLY = 1 << 1
 TFLAG_SEND_FLUSH = 1 << 2
-TFLAG_SEND_FUA = 1 << 3
-TFLAG_ROTATIONAL = 1 << 4
-TFLAG_SEND_TRIM = 1 << 5
 TFLAG_SEND_WRITE_ZEROES = 1 << 6
-TFLAG_SEND_DF = 1 << 7
-TFLAG_CAN_MULTI_CONN = 1 << 8
-TFLAG_SEND_CACHE = 1 << 10
-TFLAG_SEND_FAST_ZERO = 1 << 11
 
-# commands and command flags
+# commands
 CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
 CMD_FLUSH = 3
-CMD_TRIM = 4
 CMD_WRITE_ZEROES = 6
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
 
 # error values (they are errno values on Linux)
 NBD_ERRORS = {errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
@@ -122,7 +106,7 @@ DEFAULT_PORT = 10809
 DEFAULT_MAX_IO = 32 << 20  # largest READ/WRITE without NBD_INFO_BLOCK_SIZE (2^25)
 UNLIMITED_ZERO_STEP = 1 << 30  # WRITE_ZEROES piece when the server states no maximum
 _WINDOW = 16  # pieces of one call in flight at once
-_ZERO = bytes(1 << 20)
+_EMPTY = memoryview(b"")
 _MAX_OPT_REPLY = 1 << 20
 
 _OPT_HDR = struct.Struct(">QII")  # IHAVEOPT, option, length
@@ -131,7 +115,7 @@ _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, lengt
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 
 _CMD_NAMES = {CMD_READ: "read", CMD_WRITE: "write", CMD_DISC: "disconnect",
-              CMD_FLUSH: "flush", CMD_TRIM: "trim", CMD_WRITE_ZEROES: "write-zeroes"}
+              CMD_FLUSH: "flush", CMD_WRITE_ZEROES: "write-zeroes"}
 _REP_NAMES = {REP_ERR_UNSUP: "NBD_REP_ERR_UNSUP", REP_ERR_POLICY: "NBD_REP_ERR_POLICY",
               REP_ERR_INVALID: "NBD_REP_ERR_INVALID", REP_ERR_PLATFORM: "NBD_REP_ERR_PLATFORM",
               REP_ERR_TLS_REQD: "NBD_REP_ERR_TLS_REQD", REP_ERR_UNKNOWN: "NBD_REP_ERR_UNKNOWN",
@@ -311,14 +295,14 @@ class _Wire:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self._rest = bytearray()  # received beyond what was asked for
+        self._rest = _EMPTY  # received beyond what was asked for
 
     async def send(self, *parts: Buffer, stall_s: float = math.inf) -> None:
         """Write ``parts`` in order. A small payload goes out with its header in one piece;
         a large one is sent from the caller's buffer, not copied, in pieces: a server that
         takes no piece for ``stall_s`` is stuck (TimeoutError), one on a slow link is not."""
         if len(parts) == 2 and len(parts[1]) <= 16 << 10:
-            parts = (bytes(parts[0]) + bytes(parts[1]),)
+            parts = (b"".join(parts),)
         for p in parts:
             view = memoryview(p)
             for pos in range(0, len(view), self.SEND):
@@ -335,8 +319,8 @@ class _Wire:
         pos = 0
         while pos < n:
             if self._rest:
-                data: bytes | bytearray = self._rest
-                self._rest = bytearray()
+                data: bytes | bytearray | memoryview = self._rest
+                self._rest = _EMPTY
             else:
                 data = await self.stream.receive_some(self.RECV)
                 if not data:
@@ -346,8 +330,8 @@ class _Wire:
             buf = sink.buf if isinstance(sink, _Req) else sink
             if buf is not None:
                 buf[pos:pos + take] = memoryview(data)[:take]
-            if take < len(data):
-                self._rest = bytearray(memoryview(data)[take:])
+            if take < len(data):  # the next replies: a view, no copy (bytes never change)
+                self._rest = memoryview(data)[take:]
             pos += take
 
     async def recv_bytes(self, n: int) -> bytes:
@@ -362,7 +346,6 @@ class _Export:
     size: int
     flags: int
     min_block: int = 1
-    preferred_block: int = 4096
     max_block: int | None = None  # None: not advertised
     tls_version: str | None = None
 
@@ -448,10 +431,8 @@ async def _starttls(w: _Wire, addr: NBDAddress, ctx: ssl.SSLContext,
     if rtype != REP_ACK:
         await _abort(w)
         reason = _REP_NAMES.get(rtype, f"reply 0x{rtype:x}")
-        says = data.decode("utf-8", "replace").strip()
-        raise NBDError(errno.ENOTSUP, f"{addr}: the server does not offer TLS ({reason}"
-                       f"{': ' + says if says else ''}); refusing to continue without "
-                       "encryption")
+        raise NBDError(errno.ENOTSUP, f"{addr}: the server does not offer TLS ({reason})"
+                       f"{_server_says(data)}; refusing to continue without encryption")
     tls = trio.SSLStream(w.stream, ctx, server_hostname=addr.tls_hostname or addr.host)
     try:
         await tls.do_handshake()
@@ -490,7 +471,7 @@ async def _go(w: _Wire, addr: NBDAddress) -> _Export | None:
             if info is None:
                 raise _ProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
             if block is not None:
-                info.min_block, info.preferred_block, max_block = block
+                info.min_block, _preferred, max_block = block
                 info.max_block = max_block
                 mb = info.min_block
                 if mb < 1 or mb & (mb - 1) or mb > 65536 or max_block < mb:
@@ -539,7 +520,7 @@ _FLUSH_FACTOR = 10  # while a FLUSH is outstanding, io_timeout counts this many 
 def _plain(e: BaseException) -> OSError:
     text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
     return OSError((e.errno if isinstance(e, OSError) else None) or errno.ECONNRESET, text)
-_WRITES = (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)
+_WRITES = (CMD_WRITE, CMD_WRITE_ZEROES)
 
 
 class _Conn:
@@ -552,7 +533,7 @@ class _Conn:
         self.send_lock = trio.StrictFIFOLock()  # held by whoever writes a message
         self.pending: dict[int, _Req] = {}
         self.next_handle = 1
-        self.error: BaseException | None = None  # set once: why the connection is unusable
+        self.error: OSError | None = None  # set once (by _plain): why it is unusable
         self.closing = False  # NBD_CMD_DISC sent (or due): no new requests
         self.disc_sent = False
         self.reader_done = trio.Event()
@@ -570,10 +551,8 @@ class _Conn:
         why = self.error
         if why is None:
             text = "the server is shutting down" if self.closing else "closed"
-        elif isinstance(why, OSError) and why.strerror:
-            text = why.strerror
         else:
-            text = str(why) or type(why).__name__
+            text = why.strerror or "closed"
         return OSError(errno.ECONNRESET, f"NBD connection to {self.label} lost: {text}")
 
     def fail(self, why: BaseException) -> None:
@@ -638,23 +617,20 @@ class _Conn:
             while not req.event.is_set():
                 limit = self.io_timeout * (_FLUSH_FACTOR if self.flushes else 1)
                 deadline = max(self.last_rx, req.sent_at) + limit
-                with trio.move_on_at(deadline):
-                    await req.event.wait()
-                limit = self.io_timeout * (_FLUSH_FACTOR if self.flushes else 1)
-                if not req.event.is_set() and trio.current_time() >= \
-                        max(self.last_rx, req.sent_at) + limit:
-                    req.buf = None
-                    self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply from the server within "
-                                           f"{self.io_timeout:g} s"))
-                    await req.event.wait()  # the reader stops at once on the closed socket
+                if trio.current_time() < deadline:  # else nothing heard for too long
+                    with trio.move_on_at(deadline):
+                        await req.event.wait()
+                    continue
+                req.buf = None
+                self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply from the server within "
+                                       f"{limit:g} s"))
+                await req.event.wait()  # the reader stops at once on the closed socket
         except BaseException:
             req.buf = None  # cancelled: a late payload must not land in the caller's buffer
             raise
         if req.exc is not None:
             return req.exc
         if req.err == 0:
-            if req.cmd == CMD_FLUSH:
-                self.flushed_writes = max(self.flushed_writes, req.acked_before)
             return None
         err = req.err if req.err in NBD_ERRORS else errno.EINVAL
         if err == errno.ESHUTDOWN:
@@ -714,6 +690,8 @@ class _Conn:
                 cur.err = err
                 if err == 0 and cur.cmd in _WRITES:
                     self.acked_writes += 1
+                elif err == 0 and cur.cmd == CMD_FLUSH:  # even if its caller gave up
+                    self.flushed_writes = max(self.flushed_writes, cur.acked_before)
                 if err == errno.ESHUTDOWN:
                     self.closing = True
                 cur.event.set()
@@ -845,21 +823,17 @@ class NBDImage:
         self._set_export(info)
 
     def _set_export(self, info: _Export) -> None:
-        self.flags = info.flags
         self.read_only = bool(info.flags & TFLAG_READ_ONLY)
         self.can_flush = bool(info.flags & TFLAG_SEND_FLUSH)
         self.can_zero = bool(info.flags & TFLAG_SEND_WRITE_ZEROES)
-        self.can_trim = bool(info.flags & TFLAG_SEND_TRIM)
-        self.can_multi_conn = bool(info.flags & TFLAG_CAN_MULTI_CONN)
         self.tls_version = info.tls_version
         mb = self.min_block = info.min_block
-        self.preferred_block = info.preferred_block
         self.max_block = info.max_block
         io = DEFAULT_MAX_IO if info.max_block is None else min(info.max_block, DEFAULT_MAX_IO)
         self._max_io = max(mb, _down(io, mb))
         zero = UNLIMITED_ZERO_STEP if info.max_block in (None, 0xFFFFFFFF) else info.max_block
         self._zero_step = max(mb, _down(min(zero, UNLIMITED_ZERO_STEP), mb))
-        self._zero_write_step = max(mb, _down(min(len(_ZERO), self._max_io), mb))
+        self._zero_write_step = max(mb, _down(min(len(ZERO_BLOCK), self._max_io), mb))
 
     @classmethod
     async def connect(cls, addr: "NBDAddress | str", nursery: trio.Nursery,
@@ -950,7 +924,7 @@ class NBDImage:
                 if data is not None:
                     payload = data[pos:pos + n]
                 elif zeros:
-                    payload = memoryview(_ZERO)[:n]
+                    payload = memoryview(ZERO_BLOCK)[:n]
                 try:
                     inflight.append(await conn.submit(
                         cmd, offset + pos, n, flags, payload,

@@ -129,15 +129,16 @@ class StateFile:
 
     def log_extent(self, al: bitarray, extent: int) -> None:
         """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
-        byte = extent // 8
-        blk = byte // BLOCK * BLOCK
-        data = _padded(al, self.al_bytes)[blk:blk + BLOCK]
-        _pwrite_all(self.fd, data, self._slot_off(self.header["slot"]) + blk)
+        blk = extent // 8 // BLOCK * BLOCK  # byte offset of its block in the log
+        data = al[blk * 8:(blk + BLOCK) * 8].tobytes()  # only that block: a guest waits
+        _pwrite_all(self.fd, data + bytes(BLOCK - len(data)),
+                    self._slot_off(self.header["slot"]) + blk)
         os.fdatasync(self.fd)
 
 
 def _padded(bits: bitarray, nbytes: int) -> bytes:
-    b = bits.tobytes() if bits.endian == "little" else bitarray(bits, "little").tobytes()
+    assert bits.endian == "little"
+    b = bits.tobytes()
     return b + bytes(nbytes - len(b))
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from mirrorfs.system import alive, mounted
+
 ROOT = Path(__file__).resolve().parents[2]
 MIRRORFS = [sys.executable, "-m", "mirrorfs"]
 MiB = 1 << 20
@@ -31,12 +33,6 @@ def run_mirrorfs(*args: str, timeout: float = 120, check: bool = False
         raise AssertionError(f"mirrorfs {' '.join(args)} failed ({r.returncode}): "
                              f"{r.stdout}{r.stderr}")
     return r
-
-
-def mounted(path: str | Path) -> bool:
-    p = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == p for line in f)
 
 
 def make_image(path: Path, size: int, *, seed: int | None = None,
@@ -158,15 +154,6 @@ class MirrorFactory:
                 subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], capture_output=True)
             if m.pid:
                 _stop(m.pid)
-
-
-def alive(pid: int) -> bool:
-    """Does the process exist (and is not a zombie)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _stop(pid: int) -> None:

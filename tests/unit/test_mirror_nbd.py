@@ -37,6 +37,14 @@ def _source(tmp: Path, size: int) -> FileImage:
     return FileImage(str(p), fd)
 
 
+def _export(tmp: Path, size: int) -> tuple[Path, Path]:
+    """An empty export file of ``size`` bytes, and where its server's socket goes."""
+    exp = tmp / "exp.img"
+    with open(exp, "wb") as f:
+        f.truncate(size)
+    return exp, tmp / "nbd.sock"
+
+
 async def _wait(m: Mirror, *states: State) -> None:
     with trio.fail_after(60):
         while m.job.state not in states:
@@ -104,10 +112,7 @@ async def test_server_killed_mid_copy_stop_policy(tmp_path: Path, nbd_tools: Non
     lost, and ``resume`` after the server is back reconnects and finishes."""
     size = 8 * MiB
     src = _source(tmp_path, size)
-    exp = tmp_path / "exp.img"
-    with open(exp, "wb") as f:
-        f.truncate(size)
-    sock = tmp_path / "nbd.sock"
+    exp, sock = _export(tmp_path, size)
     cfg = MirrorConfig(granularity=64 * KiB, target_fresh=True, speed=2 * MiB,
                        on_target_error=ErrorPolicy.STOP)
     with qemu_nbd(exp, tmp_path, sock=sock) as server:
@@ -138,10 +143,7 @@ async def test_after_the_pivot_a_dropped_connection_is_reopened(tmp_path: Path,
     src = _source(tmp_path, 8 * MiB)
     os.ftruncate(src.fd, size)
     src.size = size
-    exp = tmp_path / "exp.img"
-    with open(exp, "wb") as f:
-        f.truncate(size)
-    sock = tmp_path / "nbd.sock"
+    exp, sock = _export(tmp_path, size)
     uri = f"nbd+unix:///exp?socket={sock}"
     with qemu_nbd(exp, tmp_path, sock=sock) as server:
         async with trio.open_nursery() as nursery:
@@ -171,10 +173,7 @@ async def test_writes_acknowledged_then_lost_in_the_server_cache_are_recopied(
     does not cover it, so the mirror copies those extents again (invariant 7)."""
     size = 8 * MiB
     src = _source(tmp_path, size)
-    exp = tmp_path / "exp.img"
-    with open(exp, "wb") as f:
-        f.truncate(size)
-    sock = tmp_path / "nbd.sock"
+    exp, sock = _export(tmp_path, size)
 
     def server() -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
         return servers.nbdkit(exp, sock, tmp_path, "--filter=cache",
@@ -206,10 +205,7 @@ async def test_stopping_mid_copy_keeps_the_connection(tmp_path: Path, nbd_tools:
     half, so the connection survives for the final flush and the clean checkpoint."""
     size = 128 * MiB
     src = _source(tmp_path, size)
-    exp = tmp_path / "exp.img"
-    with open(exp, "wb") as f:
-        f.truncate(size)
-    sock = tmp_path / "nbd.sock"
+    exp, sock = _export(tmp_path, size)
     with qemu_nbd(exp, tmp_path, sock=sock):
         async with open_nbd(f"nbd+unix:///exp?socket={sock}") as tgt:
             m = Mirror(src, tgt, MirrorConfig(granularity=64 * KiB, target_fresh=True))

@@ -646,21 +646,27 @@ async def _fake_server(stream: trio.SocketStream, size: int, slow: bool = False)
                 await stream.send_all(ok)
 
 
-async def test_a_cancelled_read_never_writes_into_the_callers_buffer(tmp_path: Path) -> None:
-    """The reply to a cancelled read arrives while the caller reuses its buffer: the rest of
-    the payload is dropped. A flush slower than io_timeout is waited for (a flush may take
-    long on a server with a big cache); the connection stays usable throughout."""
-    path = str(tmp_path / "fake.sock")
+async def _fake_export(nursery: trio.Nursery, path: str, slow: bool = False) -> NBDImage:
+    """``_fake_server`` listening on the Unix socket ``path``, and a client connected to it
+    with a 1 s io_timeout."""
     listener = trio.socket.socket(trio.socket.AF_UNIX)
     await listener.bind(path)
     listener.listen()
 
     async def serve(stream: trio.SocketStream) -> None:
-        await _fake_server(stream, 16 * MiB)
+        await _fake_server(stream, 16 * MiB, slow)
 
+    nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+    return await NBDImage.connect(f"nbd+unix:///?socket={path}", nursery, io_timeout=1)
+
+
+async def test_a_cancelled_read_never_writes_into_the_callers_buffer(tmp_path: Path) -> None:
+    """The reply to a cancelled read arrives while the caller reuses its buffer: the rest of
+    the payload is dropped. A flush slower than io_timeout is waited for (a flush may take
+    long on a server with a big cache); the connection stays usable throughout."""
+    path = str(tmp_path / "fake.sock")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
-        img = await NBDImage.connect(f"nbd+unix:///?socket={path}", nursery, io_timeout=1)
+        img = await _fake_export(nursery, path)
         buf = bytearray(MiB)
         with trio.move_on_after(0.2) as scope:
             await img.pread_into(memoryview(buf), 0)
@@ -680,16 +686,8 @@ async def test_a_slow_link_is_not_a_dead_server(tmp_path: Path) -> None:
     """Writes that take longer than io_timeout to go out, on a link that keeps moving,
     succeed: the limit is on the server taking no data at all."""
     path = str(tmp_path / "slow.sock")
-    listener = trio.socket.socket(trio.socket.AF_UNIX)
-    await listener.bind(path)
-    listener.listen()
-
-    async def serve(stream: trio.SocketStream) -> None:
-        await _fake_server(stream, 16 * MiB, slow=True)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
-        img = await NBDImage.connect(f"nbd+unix:///?socket={path}", nursery, io_timeout=1)
+        img = await _fake_export(nursery, path, slow=True)
         start = trio.current_time()
         async with trio.open_nursery() as writers:  # 2 MiB queued: about 3 s on this link
             for i in range(2):

@@ -1,0 +1,23 @@
+"""Facts about processes and mounts, read from /proc. A light module (no trio, no pyfuse3):
+the CLI, the daemon, the tests and the benchmark share it."""
+
+import os
+
+
+def alive(pid: int) -> bool:
+    """Does the process exist (and is not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4].replace("\\040", " ") for line in f]
+
+
+def mounted(path: str | os.PathLike[str]) -> bool:
+    """Is something mounted at ``path``?"""
+    return os.path.abspath(path) in mount_points()
