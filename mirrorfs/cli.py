@@ -66,6 +66,16 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _poll_us(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of microseconds {text!r}") from None
+    if not 0 <= v <= 1000:
+        raise argparse.ArgumentTypeError("the poll time must be 0 to 1000 microseconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 
@@ -106,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="S",
                    help="save the copy's progress in the state file every S seconds "
                         "(default 10; also at ready and when the activity log fills)")
+    m.add_argument("--poll-us", type=_poll_us, default=50, metavar="US",
+                   help="after a reply, poll up to US microseconds for the next request "
+                        "before sleeping (adaptive, as QEMU's poll-max-ns; 0 = never; "
+                        "default 50)")
     m.add_argument("--fresh", action="store_true",
                    help="ignore a saved state and start a new mirror")
     m.add_argument("--tls-ca", metavar="FILE", help="nbds:// targets: the CA certificate")
@@ -349,7 +363,7 @@ def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
         allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
         notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
         tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval),
-        no_state=a.no_state)
+        no_state=a.no_state, poll_us=a.poll_us)
     return mount.run_daemon(opts)
 
 

@@ -416,13 +416,17 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
     idle_src, idle_tgt = os.path.join(base, "idle.img"), os.path.join(base, "idle-tgt.img")
     copy_src, copy_tgt = os.path.join(base, "copy.img"), os.path.join(base, "copy-tgt.img")
     mnt_idle, mnt_copy = os.path.join(base, "mnt-idle"), os.path.join(base, "mnt-copy")
+    # the idle job again without adaptive polling (--poll-us 0), for the queue-depth-1 cases
+    np_src, np_tgt = os.path.join(base, "nopoll.img"), os.path.join(base, "nopoll-tgt.img")
+    mnt_np = os.path.join(base, "mnt-nopoll")
     export = os.path.join(base, "qsd-export.img")
-    for d in (mnt_idle, mnt_copy):
+    for d in (mnt_idle, mnt_copy, mnt_np):
         os.mkdir(d)
     log(f"fio: creating {size // MiB} MiB images in {base}")
     make_random_file(raw, size)
     shutil.copyfile(raw, idle_src)
     shutil.copyfile(raw, copy_src)
+    shutil.copyfile(raw, np_src)
     # fio's whole run (ramp + runtime) plus its start-up, times 1.5: the copy outlasts fio
     speed = cfg.copy_speed or int(size / (1.5 * (runtime + ramp + 0.5)))
     speed = max(speed // MiB, 1) * MiB
@@ -437,10 +441,12 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
     else:
         log("fio: no qemu-storage-daemon: the qsd column stays empty")
     mount_mirrorfs(reaper, idle_src, idle_tgt, mnt_idle)
-    idle = CtlPoller(mnt_idle)
+    mount_mirrorfs(reaper, np_src, np_tgt, mnt_np, "--poll-us", "0")
+    idle, nopoll = CtlPoller(mnt_idle), CtlPoller(mnt_np)
     try:
         idle.wait(("ready",), 300, quiet=True)
-        idle_pid = reaper.mounts[mnt_idle]
+        nopoll.wait(("ready",), 300, quiet=True)
+        idle_pid, np_pid = reaper.mounts[mnt_idle], reaper.mounts[mnt_np]
         img_idle = os.path.join(mnt_idle, os.path.basename(idle_src))
         img_copy = os.path.join(mnt_copy, os.path.basename(copy_src))
         def run_raw(case: FioCase) -> dict[str, Any]:
@@ -458,6 +464,14 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
             c0 = cpu_seconds(idle_pid)
             r = run_fio(img_idle, case, size, runtime, ramp)
             r["server_cpu_s"] = _delta(cpu_seconds(idle_pid), c0)
+            return r
+
+        def run_nopoll(case: FioCase) -> dict[str, Any]:
+            nopoll.wait(("ready",), 120, quiet=True)
+            c0 = cpu_seconds(np_pid)
+            r = run_fio(os.path.join(mnt_np, os.path.basename(np_src)), case, size, runtime,
+                        ramp)
+            r["server_cpu_s"] = _delta(cpu_seconds(np_pid), c0)
             return r
 
         def run_copy(case: FioCase) -> dict[str, Any]:
@@ -479,7 +493,8 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
 
         runners = [("raw", "raw", run_raw), ("qsd", "qsd", run_qsd),
                    ("idle", "mirrorfs idle", run_idle),
-                   ("copy", f"mirrorfs during copy (speed {speed // MiB} MiB/s)", run_copy)]
+                   ("copy", f"mirrorfs during copy (speed {speed // MiB} MiB/s)", run_copy),
+                   ("nopoll", "mirrorfs idle, --poll-us 0", run_nopoll)]
         if qsd_proc is None:
             runners.pop(1)
         for case in cfg.fio_cases:
@@ -489,6 +504,8 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
             for rep in range(cfg.fio_reps):  # the four interleaved: drift hits all alike
                 tag = f"fio: {name}" + (f" (rep {rep + 1})" if cfg.fio_reps > 1 else "")
                 for key, label, fn in runners:
+                    if key == "nopoll" and case[3] != 1:
+                        continue  # polling only matters when the queue runs dry
                     log(f"{tag}: {label}")
                     try:
                         reps[key].append(fn(case))
@@ -507,10 +524,12 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
             res["cases"][name] = row
     finally:
         idle.close()
+        nopoll.close()
         umount_mirrorfs(reaper, mnt_idle)
+        umount_mirrorfs(reaper, mnt_np)
         if qsd_proc is not None:
             stop_qsd(reaper, qsd_proc, export)
-    for p in (raw, idle_src, idle_tgt, copy_tgt, export):
+    for p in (raw, idle_src, idle_tgt, copy_tgt, export, np_src, np_tgt):
         drop(p)
     res["_keep_copy_src"] = copy_src  # section 3 reuses it
     return res
@@ -857,14 +876,16 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         lines.append(f"   qsd = {s.get('qsd')} FUSE export; during-copy = fresh job per case, "
                      f"--speed {s['during_copy_speed_bytes_s'] // MiB}M (copy ~1.5x the run)")
         hdr = (f"   {'case':<26}{'raw':>10}{'qsd':>10}{'mfs-idle':>10}{'mfs-copy':>10}"
-               f"{'idle/qsd':>10}{'copy/idle':>10}  copying@end  cpu s qsd/idle/copy")
+               f"{'idle/qsd':>10}{'copy/idle':>10}{'no-poll':>10}  copying@end  "
+               "cpu s qsd/idle/copy/no-poll")
         lines.append(hdr)
         worst_q, worst_c = [], []
         for case in FIO_CASES:
             row = s["cases"].get(case[0])
             if not row:
                 continue
-            raw, q, i, c = (metric(case, row.get(k)) for k in ("raw", "qsd", "idle", "copy"))
+            raw, q, i, c, npl = (metric(case, row.get(k))
+                                 for k in ("raw", "qsd", "idle", "copy", "nopoll"))
             iq, ci = _ratio(i, q), _ratio(c, i)
             if iq is not None:
                 worst_q.append(iq)
@@ -873,9 +894,9 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             cp = row.get("copy", {})
             running = cp.get("copy_running_at_end")
             cpu = "/".join(_fmt(row.get(k, {}).get("server_cpu_s"), 1)
-                           for k in ("qsd", "idle", "copy"))
+                           for k in ("qsd", "idle", "copy", "nopoll") if k in row)
             lines.append(f"   {case[0]:<26}{_fmt(raw):>10}{_fmt(q):>10}{_fmt(i):>10}{_fmt(c):>10}"
-                         f"{_fmt(iq, 2):>10}{_fmt(ci, 2):>10}  "
+                         f"{_fmt(iq, 2):>10}{_fmt(ci, 2):>10}{_fmt(npl):>10}  "
                          f"{'yes' if running else 'NO' if running is not None else '-':<11}  {cpu}")
             row["ratio_idle_vs_qsd"] = iq
             row["ratio_copy_vs_idle"] = ci

@@ -8,7 +8,9 @@ read-back verification must pass through the mount; after ``complete``, fio's ve
 pass (same jobs, same seed, so the same blocks) must pass on the TARGET file directly. The
 check is shown able to fail: one flipped byte in a copy of the target fails it.
 ``qemu-img compare`` checks source against target after a completed job and after a cancel
-in ready (a point-in-time copy).
+in ready (a point-in-time copy). Queue-depth-1 I/O with pauses runs through the adaptive
+poll's every path (a request caught by the poll, a poll that gives up, the epoll wait), with
+polling off, at the default and at its maximum.
 """
 
 import os
@@ -151,3 +153,43 @@ def test_qemu_img_compare_after_cancel_in_ready(tmp_path: Path,
     r = qemu_img_compare(src, m.tgt)
     assert r.returncode == 1, f"a write after the cancel reached the target: {r.stdout}"
     assert f"offset {20 * MiB + 4096}" in r.stdout, r.stdout  # sector aligned
+
+
+QD1_JOB = """\
+[qd1]
+filename=${FIOFILE}
+ioengine=libaio
+direct=1
+iodepth=1
+rw=randrw
+rwmixread=30
+bs=4k
+size=%(size)d
+verify=crc32c
+verify_fatal=1
+randseed=%(seed)d
+thinktime=300
+thinktime_blocks=97
+"""
+
+
+@pytest.mark.parametrize("poll_us", ["0", "50", "1000"])
+def test_queue_depth_one_with_adaptive_polling(tmp_path: Path, mirrorfs: MirrorFactory,
+                                               poll_us: str) -> None:
+    """One request at a time, with a 300 us pause every 97 blocks: the poll catches most
+    requests, misses after each pause (back to the epoll wait), then grows again."""
+    src = make_image(tmp_path / "disk.img", SIZE)
+    original = src.read_bytes()
+    jobfile = tmp_path / "qd1.fio"
+    jobfile.write_text(QD1_JOB % {"size": 8 * MiB, "seed": 77})
+    m = mirrorfs.mount(src, None, "--poll-us", poll_us)
+    r = fio(jobfile, m.img)
+    assert r.returncode == 0, f"fio failed ({r.returncode}): {r.stderr[-2000:]}"
+    errs = [line.split(";")[4] for line in r.stdout.splitlines() if line.startswith("3;")]
+    assert errs == ["0"], f"fio: job errors {errs}: {r.stdout}"
+    m.wait("ready")
+    m.command("complete")
+    m.wait("completed")
+    m.umount()
+    assert src.read_bytes()[:8 * MiB] != original[:8 * MiB]
+    assert_same(src, m.tgt)
