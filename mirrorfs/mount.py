@@ -501,6 +501,13 @@ def _set_polling(poll_us: int) -> None:
         log.warning("pyfuse3 lacks mirrorfs's adaptive-poll patch: run scripts/setup.sh")
 
 
+def _log_polling() -> None:
+    stats = getattr(pyfuse3, "poll_stats", None)
+    if stats is not None:
+        caught, waited = stats()
+        log.info("adaptive poll: %d requests caught, %d polls ended in a wait", caught, waited)
+
+
 async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
                  notify: _Notifier) -> None:
     cfg = MirrorConfig(granularity=prep.granularity, buf_size=opts.buf_size, speed=opts.speed,
@@ -536,6 +543,7 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         notify.send("OK")
         log.debug("reported the mount ready")
         await pyfuse3.main()
+        _log_polling()
         if not mirror.job.ended:
             log.info("unmounted while the job was %s: saving its state", mirror.job.state)
         nursery.cancel_scope.cancel()

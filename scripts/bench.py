@@ -501,11 +501,11 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
             name = case[0]
             reps: dict[str, list[dict[str, Any]]] = {k: [] for k, _, _ in runners}
             errors: dict[str, str] = {}
-            for rep in range(cfg.fio_reps):  # the four interleaved: drift hits all alike
+            for rep in range(cfg.fio_reps):  # all interleaved: drift hits all alike
                 tag = f"fio: {name}" + (f" (rep {rep + 1})" if cfg.fio_reps > 1 else "")
                 for key, label, fn in runners:
-                    if key == "nopoll" and case[3] != 1:
-                        continue  # polling only matters when the queue runs dry
+                    if key == "nopoll" and (case[3] != 1 or case[2] != "4k"):
+                        continue  # the 4K queue-depth-1 cases: where the queue runs dry
                     log(f"{tag}: {label}")
                     try:
                         reps[key].append(fn(case))
@@ -894,7 +894,7 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             cp = row.get("copy", {})
             running = cp.get("copy_running_at_end")
             cpu = "/".join(_fmt(row.get(k, {}).get("server_cpu_s"), 1)
-                           for k in ("qsd", "idle", "copy", "nopoll") if k in row)
+                           for k in ("qsd", "idle", "copy", "nopoll"))
             lines.append(f"   {case[0]:<26}{_fmt(raw):>10}{_fmt(q):>10}{_fmt(i):>10}{_fmt(c):>10}"
                          f"{_fmt(iq, 2):>10}{_fmt(ci, 2):>10}{_fmt(npl):>10}  "
                          f"{'yes' if running else 'NO' if running is not None else '-':<11}  {cpu}")

@@ -37,7 +37,7 @@ fi
 PYFUSE3_VERSION=3.5.0
 pyfuse3_patched() {
 	.venv/bin/python -c 'import pyfuse3, sys
-sys.exit("adaptive-poll" not in getattr(pyfuse3, "MIRRORFS_PATCHES", ()))' 2> /dev/null
+sys.exit("poll-stats" not in getattr(pyfuse3, "MIRRORFS_PATCHES", ()))' 2> /dev/null
 }
 if ! pyfuse3_patched; then
 	echo "setup: building pyfuse3 $PYFUSE3_VERSION with mirrorfs's patches"

@@ -394,7 +394,8 @@ BAD_MOUNTS: list[tuple[str, list[str], str]] = [
     ("speed-negative", ["src.img", "t.img", "m", "--speed", "-5"], r"speed"),
     ("speed-garbage", ["src.img", "t.img", "m", "--speed", "abc"], r"invalid size"),
     ("poll-us-too-large", ["src.img", "t.img", "m", "--poll-us", "5000"], r"0 to 1000"),
-    ("poll-us-garbage", ["src.img", "t.img", "m", "--poll-us", "1.5"], r"microseconds"),
+    ("poll-us-garbage", ["src.img", "t.img", "m", "--poll-us", "1.5"], r"invalid number"),
+    ("poll-us-negative", ["src.img", "t.img", "m", "--poll-us", "-1"], r"0 to 1000"),
     # a bad choice: the message names the choices (not the program's internal type names)
     ("sync-bogus", ["src.img", "t.img", "m", "--sync", "bogus"], r"bogus.*full.*top.*none"),
     ("copy-mode-bogus", ["src.img", "t.img", "m", "--copy-mode", "fast"],
