@@ -347,7 +347,6 @@ def cmd_umount(a: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
     if not a.foreground:
         from mirrorfs.launch import spawn_daemon

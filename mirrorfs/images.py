@@ -1,9 +1,9 @@
 """What the mirror reads and writes: a raw image in a regular file or on a block device.
 
-One small interface (``Image``) so that the copy loop does not care where bytes live; an NBD
-export is meant to slot in beside ``FileImage``. Every method is a plain blocking syscall:
-the FUSE handlers call them inline (a thread round trip per request would cost more than a
-4 KiB pwrite), the copier calls them from worker threads in batches.
+One small interface (``Image``) so that the copy loop does not care which kind of file it
+has. Every method is a plain blocking syscall: the FUSE handlers call them inline (a thread
+round trip per request would cost more than a 4 KiB pwrite), the copier calls them from
+worker threads in batches. An NBD target (nbd.py) is async instead; mirror.py takes either.
 """
 
 import ctypes
@@ -36,7 +36,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class Image(Protocol):
-    """What the mirror needs of an image (FileImage here, NBDImage in nbd.py)."""
+    """What the mirror needs of a local image (FileImage)."""
 
     path: str
     size: int
@@ -131,7 +131,7 @@ class FileImage:
         """Copy bytes [offset, offset + length) of ``src`` to the same place in this file
         inside the kernel (copy_file_range(2)): no trip through user space, and a shared
         extent (reflink) on file systems that can. False where the kernel cannot do it
-        (another file system, a device, an NBD source), and from then on; the caller then
+        (another file system, a device), and from then on; the caller then
         copies through a buffer. Other errors raise and the caller retries through a buffer,
         which tells a source error from a target error."""
         if not self.can_copy_from(src):

@@ -20,12 +20,13 @@ Invariants (see DOMAIN.md), kept where the comments say:
     target are serialized, and a checkpoint flushes first, then snapshots dirty, busy and
     everything written since the flush began.
 
-Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``,
-which a worker thread runs for a batch of copy operations to a local target. Guest I/O to
-files is done inline (a syscall on a page-cache file costs microseconds; a thread round trip
-costs 100). An NBD target is a trio-native client: guest writes to it are awaited on the trio
-thread, and a copy batch to it reads the source in one worker-thread call, then sends its
-ops as concurrent tasks, which the client pipelines on one connection.
+Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``
+and ``_plan_batch``, which a worker thread runs for a batch of copy operations (to a local
+target, and the source reads of a batch to NBD). Guest I/O to files is done inline (a
+syscall on a page-cache file costs microseconds; a thread round trip costs 100). An NBD
+target is a trio-native client: guest writes to it are awaited on the trio thread, and a
+copy batch to it reads the source in one worker-thread call, then sends its ops as
+concurrent tasks, which the client pipelines on one connection.
 """
 
 import contextlib
@@ -222,9 +223,6 @@ class Mirror:
         self._target_epoch = 0  # + 1 whenever the target may have lost acknowledged writes
         self._flush_lock = trio.Lock()
         self._source_flush_failed = False  # a checkpoint's fsync of the source failed
-        # Copy in the kernel (copy_file_range) while the target says it can; cleared on the
-        # first refusal, for good.
-        self._kernel_copy = not isinstance(target, NBDImage) and target.can_copy_from(source)
         # statistics
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
         self.zeroed_bytes = 0  # ... of which written as holes / zero ranges
@@ -310,7 +308,7 @@ class Mirror:
             if self._active:
                 if await self._active_change(offset, length, change):
                     return
-                continue  # the gate closed while it waited for an overlapping op
+                continue  # the gate closed or the job ended while it waited
             if persist is None:
                 break
             a, b = self.bitmap.chunks_of(offset, length)
@@ -340,6 +338,10 @@ class Mirror:
         """Flush the target; invariant 7 either way. Raises the flush's error after making
         what it should have covered dirty again."""
         async with self._flush_lock:  # two flushes at once would cover for each other
+            if isinstance(self.target, NBDImage):
+                # A connection that dropped while idle: every flush needs a live one (a
+                # new one voids what the old one had not flushed, through the epoch).
+                await self.target.reconnect()
             epoch = self._check_epoch()
             covered, self._unflushed = self._unflushed, self._new_unflushed()
             try:
@@ -422,18 +424,16 @@ class Mirror:
 
     async def _active_change(self, offset: int, length: int, change: Change) -> bool:
         """Write-blocking: source, then target, before the guest's write returns. False if
-        the drain's gate closed while it waited: the caller waits at the gate (invariant 4:
-        nothing may change the images once the drain has seen nothing busy)."""
+        the drain's gate closed or the job ended while it waited: the caller looks at the
+        gate again (invariant 4: nothing may change the images once the drain has seen
+        nothing busy), then applies the change the way the job now needs."""
         a, b = self.bitmap.chunks_of(offset, length)
         # Invariant 2: wait for overlapping copies and active writes, then hold the range
         # (the check and the hold happen with no checkpoint in between).
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
-        if self._gate is not None:
+        if self._gate is not None or not self.tracking:
             return False
-        if not self.tracking:  # the job ended while we waited
-            await _apply(self.serving, change, offset, offset + length)
-            return True
         busy = self._hold(a, b, 0)
         try:
             if self.persist is not None and not self.persist.covers(a, b):
@@ -998,7 +998,9 @@ class Mirror:
         """Copy a data op to a local target; returns the bytes made zero there. Between two
         files the data goes through the kernel (``_copy_extent``); otherwise it is read
         whole into the buffer first (one syscall), then written as planned."""
-        if self._kernel_copy:
+        target = self.target
+        assert not isinstance(target, NBDImage)
+        if target.can_copy_from(self.source):  # until the kernel first refuses, for good
             zeros = 0
             for lo, hi, hole in self._extents(offset, offset + length):
                 if hole:
@@ -1091,8 +1093,7 @@ class Mirror:
         assert not isinstance(target, NBDImage)
         try:
             if target.copy_in(self.source, lo, hi - lo):
-                return 0
-            self._kernel_copy = False  # not between these two: buffers from now on
+                return 0  # else not between these two: buffers from now on
         except OSError:
             pass  # through the buffer again: a failing read or write names its side
         pos = lo

@@ -563,10 +563,6 @@ async def _save_final_state(mirror: Mirror) -> None:
             await persist.set_fields(phase=str(state))
             return
         # unmounted and the copier stopped: nothing changes the images any more
-        target = mirror.target
-        if isinstance(target, NBDImage):  # a lost connection: its unflushed extents get dirty
-            with contextlib.suppress(OSError):
-                await target.reconnect()
         await mirror.checkpoint(phase="running", clean=True,
                                 source=_image_id(mirror.source),
                                 target=_image_id(mirror.target))

@@ -296,6 +296,7 @@ class _Wire:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._rest = _EMPTY  # received beyond what was asked for
+        self.last_rx = trio.current_time()  # when data last came from the server
 
     async def send(self, *parts: Buffer, stall_s: float = math.inf) -> None:
         """Write ``parts`` in order. A small payload goes out with its header in one piece;
@@ -326,6 +327,7 @@ class _Wire:
                 if not data:
                     raise ConnectionResetError(errno.ECONNRESET,
                                                "the server closed the connection")
+                self.last_rx = trio.current_time()  # a long payload still streaming counts
             take = min(len(data), n - pos)
             buf = sink.buf if isinstance(sink, _Req) else sink
             if buf is not None:
@@ -515,6 +517,7 @@ class _Req:
 
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 _FLUSH_FACTOR = 10  # while a FLUSH is outstanding, io_timeout counts this many times
+_CLOSE_GRACE_S = 5.0  # how long a graceful close may wait for the pending requests
 
 
 def _plain(e: BaseException) -> OSError:
@@ -537,7 +540,6 @@ class _Conn:
         self.closing = False  # NBD_CMD_DISC sent (or due): no new requests
         self.disc_sent = False
         self.reader_done = trio.Event()
-        self.last_rx = trio.current_time()  # when the server last answered anything
         self.acked_writes = 0  # writes the server acknowledged on this connection
         self.flushed_writes = 0  # ... of which a successful flush covers
         self.flushes = 0  # FLUSH requests awaiting their reply
@@ -571,7 +573,7 @@ class _Conn:
             tcp.socket.close()
 
     # -------------------------------------------------------------- requests
-    async def submit(self, cmd: int, offset: int, length: int, flags: int = 0,
+    async def submit(self, cmd: int, offset: int, length: int,
                      payload: Buffer | None = None, buf: memoryview | None = None) -> _Req:
         """Send one request. Once this returns, the request completes (reply or failure)
         and ``wait`` must be called; raises only if nothing was sent."""
@@ -588,7 +590,7 @@ class _Conn:
             req.acked_before = self.acked_writes
             if cmd == CMD_FLUSH:
                 self.flushes += 1
-            header = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
+            header = _REQUEST.pack(REQUEST_MAGIC, 0, cmd, handle, offset, length)
             try:
                 # A message once begun is finished even if the caller is cancelled: half a
                 # message would end the connection for every other request on it. A server
@@ -616,7 +618,7 @@ class _Conn:
         try:
             while not req.event.is_set():
                 limit = self.io_timeout * (_FLUSH_FACTOR if self.flushes else 1)
-                deadline = max(self.last_rx, req.sent_at) + limit
+                deadline = max(self.w.last_rx, req.sent_at) + limit
                 if trio.current_time() < deadline:  # else nothing heard for too long
                     with trio.move_on_at(deadline):
                         await req.event.wait()
@@ -650,10 +652,10 @@ class _Conn:
             except _STREAM_ERRORS as e:
                 self.fail(e)
 
-    async def close(self, graceful: bool, grace_s: float = 5.0) -> None:
-        """Disconnect (NBD_CMD_DISC after the pending requests, if ``graceful``), stop the
-        reader and close the stream."""
-        with trio.move_on_after(grace_s) as scope:
+    async def close(self, graceful: bool) -> None:
+        """Disconnect (NBD_CMD_DISC after the pending requests, if ``graceful`` and the
+        connection is alive), stop the reader and close the stream."""
+        with trio.move_on_after(_CLOSE_GRACE_S) as scope:
             scope.shield = True  # a close must finish even in a cancelled scope
             if graceful and self.alive:
                 while self.pending:  # the requests in flight finish first
@@ -682,7 +684,6 @@ class _Conn:
                 cur = self.pending.pop(handle, None)
                 if cur is None:
                     raise _ProtocolError(f"reply for unknown handle {handle}")
-                self.last_rx = trio.current_time()
                 if cur.cmd == CMD_FLUSH:
                     self.flushes -= 1
                 if cur.cmd == CMD_READ and err == 0:
@@ -706,10 +707,9 @@ class _Conn:
             self.flushes = 0
             if cur is not None:
                 reqs.append(cur)
-            lost = self.lost()
             for r in reqs:
-                r.exc = lost
-                r.event.set()
+                r.exc = self.lost()  # one each: raised in several tasks, one would gather
+                r.event.set()        # all their tracebacks (and the buffers they hold)
             self.reader_done.set()
 
 
@@ -816,7 +816,6 @@ class NBDImage:
         self._reconnect_lock = trio.Lock()
         self._rmw_lock = trio.Lock()  # read-modify-write of partial minimum blocks
         self._closed = False
-        self._zero_ok = True
         self._lost_writes = False  # acknowledged, unflushed writes died with a connection
         # Counts connections: whoever wrote through one can tell that it was replaced.
         self.generation = 0
@@ -826,6 +825,7 @@ class NBDImage:
         self.read_only = bool(info.flags & TFLAG_READ_ONLY)
         self.can_flush = bool(info.flags & TFLAG_SEND_FLUSH)
         self.can_zero = bool(info.flags & TFLAG_SEND_WRITE_ZEROES)
+        self._zero_ok = True  # until the server refuses a WRITE_ZEROES
         self.tls_version = info.tls_version
         mb = self.min_block = info.min_block
         self.max_block = info.max_block
@@ -861,15 +861,15 @@ class NBDImage:
     def connected(self) -> bool:
         return not self._closed and self._conn.alive
 
-    async def reconnect(self, force: bool = False) -> bool:
-        """Open a new connection if the current one is lost (or always, with ``force``);
-        False if it was alive and nothing was done. Safe to call from several tasks that
+    async def reconnect(self) -> bool:
+        """Open a new connection if the current one is lost; False if it was alive and
+        nothing was done. Safe to call from several tasks that
         all saw the same failure: one reconnects, the others find it alive. Raises NBDError
         if the server cannot be reached or the export's size changed."""
         async with self._reconnect_lock:
             old = self._conn
             self._live()  # a closed image stays closed
-            if old.alive and not force:
+            if old.alive:
                 return False
             conn, info = await _open(self.addr, self._tls, self._timeout, self._io_timeout,
                                      self._nursery)
@@ -884,10 +884,9 @@ class NBDImage:
                 # reports a lost write-back once).
                 self._lost_writes = True
             self._set_export(info)
-            self._zero_ok = True
             self._conn = conn
             self.generation += 1
-        await old.close(graceful=old.alive)
+        await old.close(graceful=True)
         return True
 
     async def close(self) -> None:
@@ -904,7 +903,7 @@ class NBDImage:
         return self._conn
 
     # ------------------------------------------------------------------ requests
-    async def _run(self, cmd: int, offset: int, length: int, step: int, flags: int = 0,
+    async def _run(self, cmd: int, offset: int, length: int, step: int,
                    data: memoryview | None = None, buf: memoryview | None = None,
                    zeros: bool = False) -> None:
         """[offset, offset + length) in pieces of ``step``, pipelined; waits for every
@@ -927,7 +926,7 @@ class NBDImage:
                     payload = memoryview(ZERO_BLOCK)[:n]
                 try:
                     inflight.append(await conn.submit(
-                        cmd, offset + pos, n, flags, payload,
+                        cmd, offset + pos, n, payload,
                         None if buf is None else buf[pos:pos + n]))
                 except OSError as e:
                     first = e
@@ -1037,7 +1036,7 @@ class NBDImage:
         if mv is not None:
             await self._run(CMD_WRITE, offset, n, self._max_io, data=mv)
             return
-        if self.can_zero and self._zero_ok:
+        if self.zeroes_cheaply:
             try:
                 # NBD_CMD_FLAG_NO_HOLE unset: the server may punch a hole, and must make
                 # the range read as zeros.

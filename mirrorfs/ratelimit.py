@@ -40,7 +40,7 @@ class TokenBucket:
 
     def allowance(self, now: float, min_take: int = 1) -> int | None:
         """Bytes that may start now (None: unlimited; 0: wait ``delay`` first). Waits for
-        ``min_take`` bytes (capped at one slice's worth) rather than starting a tiny copy
+        ``min_take`` bytes (capped at half a burst) rather than starting a tiny copy
         every time a few tokens trickle in: each copy costs a thread round trip."""
         if not self._rate:
             return None

@@ -130,9 +130,8 @@ class StateFile:
     def log_extent(self, al: bitarray, extent: int) -> None:
         """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
         blk = extent // 8 // BLOCK * BLOCK  # byte offset of its block in the log
-        data = al[blk * 8:(blk + BLOCK) * 8].tobytes()  # only that block: a guest waits
-        _pwrite_all(self.fd, data + bytes(BLOCK - len(data)),
-                    self._slot_off(self.header["slot"]) + blk)
+        data = _padded(al[blk * 8:(blk + BLOCK) * 8], BLOCK)  # only that block: a guest waits
+        _pwrite_all(self.fd, data, self._slot_off(self.header["slot"]) + blk)
         os.fdatasync(self.fd)
 
 

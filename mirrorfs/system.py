@@ -1,5 +1,6 @@
 """Facts about processes and mounts, read from /proc. A light module (no trio, no pyfuse3):
-the CLI, the daemon, the tests and the benchmark share it."""
+the CLI, the daemon and the tests share it (the benchmark keeps standard-library copies, to
+measure trees that lack it)."""
 
 import os
 

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -459,20 +460,19 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
             r["server_cpu_s"] = _delta(cpu_seconds(qsd_proc.pid), c0)
             return r
 
-        def run_idle(case: FioCase) -> dict[str, Any]:
-            idle.wait(("ready",), 120, quiet=True)
-            c0 = cpu_seconds(idle_pid)
-            r = run_fio(img_idle, case, size, runtime, ramp)
-            r["server_cpu_s"] = _delta(cpu_seconds(idle_pid), c0)
-            return r
+        def on_ready_job(poller: CtlPoller, pid: int,
+                         img: str) -> Callable[[FioCase], dict[str, Any]]:
+            def run(case: FioCase) -> dict[str, Any]:
+                poller.wait(("ready",), 120, quiet=True)
+                c0 = cpu_seconds(pid)
+                r = run_fio(img, case, size, runtime, ramp)
+                r["server_cpu_s"] = _delta(cpu_seconds(pid), c0)
+                return r
+            return run
 
-        def run_nopoll(case: FioCase) -> dict[str, Any]:
-            nopoll.wait(("ready",), 120, quiet=True)
-            c0 = cpu_seconds(np_pid)
-            r = run_fio(os.path.join(mnt_np, os.path.basename(np_src)), case, size, runtime,
-                        ramp)
-            r["server_cpu_s"] = _delta(cpu_seconds(np_pid), c0)
-            return r
+        run_idle = on_ready_job(idle, idle_pid, img_idle)
+        run_nopoll = on_ready_job(nopoll, np_pid,
+                                  os.path.join(mnt_np, os.path.basename(np_src)))
 
         def run_copy(case: FioCase) -> dict[str, Any]:
             drop(copy_tgt)

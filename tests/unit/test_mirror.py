@@ -75,6 +75,7 @@ class FaultyImage(FileImage):
             raise OSError(err, os.strerror(err))
         if self.fail_write is not _never or self.gate is not None or (
                 isinstance(src, FaultyImage) and src.fail_read is not _never):
+            self._copy_ok = False  # as a real refusal: from then on (see FileImage.copy_in)
             return False
         self.copies.append((offset, length))
         return super().copy_in(src, offset, length)
@@ -569,7 +570,7 @@ class _SlowTarget(NBDImage):
         self.can_zero, self._zero_ok, self._lost_writes, self._closed = True, True, False, False
         self.hooks: dict[int, Callable[[], Any]] = {}
 
-    async def reconnect(self, force: bool = False) -> bool:
+    async def reconnect(self) -> bool:
         return False
 
     async def pwrite(self, data: bytes | memoryview, offset: int) -> int:

@@ -2,6 +2,7 @@
 copier's remote path (source read in a worker thread, ops sent as concurrent tasks)."""
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -155,14 +156,42 @@ async def test_after_the_pivot_a_dropped_connection_is_reopened(tmp_path: Path,
             await _wait(m, State.COMPLETED)
             server.kill()
             server.wait()
-            with pytest.raises(OSError):
+            with pytest.raises(OSError) as err:
                 await m.read(0, 4096)  # no server: the guest sees an error
+            assert err.value.errno == errno.EIO
             with qemu_nbd(exp, tmp_path, sock=sock):
                 assert await m.read(0, 4096) == Path(src.path).read_bytes()[:4096]
                 await m.write(4096, b"to the new connection")
                 await m.fsync()
             await tgt.close()
     assert Path(exp).read_bytes()[4096:4117] == b"to the new connection"
+    src.close()
+
+
+async def test_complete_after_the_connection_dropped_while_idle(tmp_path: Path,
+                                                             nbd_tools: None) -> None:
+    """The server restarts while the job is ready and nothing is dirty: no copy notices.
+    ``complete`` flushes the target, and that flush reconnects first (a flush on the dead
+    connection would fail the job)."""
+    size = 4 * MiB
+    src = _source(tmp_path, size)
+    exp, sock = _export(tmp_path, size)
+    with qemu_nbd(exp, tmp_path, sock=sock) as server:
+        async with open_nbd(f"nbd+unix:///exp?socket={sock}", io_timeout=5) as tgt:
+            m = Mirror(src, tgt, MirrorConfig(granularity=64 * KiB, target_fresh=True))
+            async with trio.open_nursery() as n:
+                n.start_soon(m.run)
+                await _wait(m, State.READY)
+                server.kill()
+                server.wait()
+                with trio.fail_after(10):  # the reader sees the connection end
+                    while tgt.connected:
+                        await trio.sleep(0.01)
+                with qemu_nbd(exp, tmp_path, sock=sock):
+                    m.complete()
+                    await _wait(m, State.COMPLETED, State.FAILED)
+                    assert m.job.state is State.COMPLETED, m.job.error
+    assert Path(exp).read_bytes() == Path(src.path).read_bytes()
     src.close()
 
 
