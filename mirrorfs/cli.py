@@ -347,11 +347,19 @@ def cmd_umount(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mount(a: argparse.Namespace, argv: list[str]) -> int:
+def cmd_mount(a: argparse.Namespace) -> int:
     if not a.foreground:
         from mirrorfs.launch import spawn_daemon
 
-        return spawn_daemon(argv)
+        def daemon(notify_fd: int) -> int:
+            a.notify_fd = notify_fd
+            return _mount(a)
+
+        return spawn_daemon(daemon)
+    return _mount(a)
+
+
+def _mount(a: argparse.Namespace) -> int:
     from mirrorfs import mount  # imports pyfuse3: only in the daemon
 
     opts = mount.MountOptions(
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.verb == "mount":
-            return cmd_mount(a, argv)
+            return cmd_mount(a)
         if a.verb == "status":
             return cmd_status(a)
         if a.verb == "wait":

@@ -25,10 +25,10 @@ MIRRORFS = [sys.executable, "-m", "mirrorfs"]
 MiB = 1 << 20
 
 
-def run_mirrorfs(*args: str, timeout: float = 120, check: bool = False
-                 ) -> subprocess.CompletedProcess[str]:
+def run_mirrorfs(*args: str, timeout: float = 120, check: bool = False,
+                 pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     r = subprocess.run([*MIRRORFS, *args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, cwd=ROOT)
+                       stdin=subprocess.DEVNULL, cwd=ROOT, pass_fds=pass_fds)
     if check and r.returncode != 0:
         raise AssertionError(f"mirrorfs {' '.join(args)} failed ({r.returncode}): "
                              f"{r.stdout}{r.stderr}")
@@ -130,13 +130,14 @@ class MirrorFactory:
         self.mounts: list[Mount] = []
 
     def mount(self, src: Path, tgt: Path | None = None, *opts: str,
-              mnt: Path | None = None, target_uri: str | None = None) -> Mount:
+              mnt: Path | None = None, target_uri: str | None = None,
+              pass_fds: tuple[int, ...] = ()) -> Mount:
         tgt = tgt or self.tmp / (src.stem + ".target" + src.suffix)
         mnt = mnt or self.tmp / f"mnt{len(self.mounts)}"
         mnt.mkdir(exist_ok=True)
         log = self.tmp / f"daemon{len(self.mounts)}.log"
         r = run_mirrorfs("mount", str(src), target_uri or str(tgt), str(mnt), "--log", str(log),
-                         *opts)
+                         *opts, pass_fds=pass_fds)
         name = src.name
         for i, o in enumerate(opts):
             if o == "--name":
