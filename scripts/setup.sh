@@ -53,7 +53,7 @@ if ! pyfuse3_patched; then
 	pyfuse3_patched || { echo "setup: the patched pyfuse3 did not install" >&2; exit 1; }
 fi
 # Editable, as a path in a .pth file ("compat"): the default mode installs an import hook
-# that every start of Python in the venv pays for (10 ms; a mount starts Python twice).
+# that every start of Python in the venv pays for (10 ms of each mirrorfs command).
 stamp=.venv/.mirrorfs-installed-compat
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 	echo "setup: installing mirrorfs and its test tools into .venv"
