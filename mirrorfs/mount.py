@@ -462,6 +462,7 @@ async def _mounted(prep: Prepared, opts: MountOptions, notify: _Notifier) -> int
     if opts.allow_other:
         fuse_opts.add("allow_other")
     _set_polling(opts.poll_us)
+    _set_read_ahead()
     try:
         pyfuse3.init(ops, prep.mountpoint, fuse_opts)
     except Exception as e:  # pyfuse3 raises RuntimeError with little detail
@@ -501,11 +502,24 @@ def _set_polling(poll_us: int) -> None:
         log.warning("pyfuse3 lacks mirrorfs's adaptive-poll patch: run scripts/setup.sh")
 
 
+def _set_read_ahead() -> None:
+    """Write read-ahead (third_party/pyfuse3.patch): while a large write is copied into
+    the source, a helper thread receives the next request, so that the two copies of a
+    stream of large writes run on two cores (1 MiB O_DIRECT writes: +30%, see README)."""
+    set_read_ahead = getattr(pyfuse3, "set_read_ahead", None)
+    if set_read_ahead is not None:
+        set_read_ahead(True)
+
+
 def _log_polling() -> None:
     stats = getattr(pyfuse3, "poll_stats", None)
     if stats is not None:
         caught, waited = stats()
         log.info("adaptive poll: %d requests caught, %d polls ended in a wait", caught, waited)
+    read_ahead = getattr(pyfuse3, "read_ahead_stats", None)
+    if read_ahead is not None:
+        log.info("write read-ahead: %d requests received while a write was handled",
+                 read_ahead())
 
 
 async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,

@@ -10,7 +10,9 @@ check is shown able to fail: one flipped byte in a copy of the target fails it.
 ``qemu-img compare`` checks source against target after a completed job and after a cancel
 in ready (a point-in-time copy). Queue-depth-1 I/O with pauses runs through the adaptive
 poll's every path (a request caught by the poll, a poll that gives up, the epoll wait), with
-polling off, at the default and at its maximum.
+polling off, at the default and at its maximum. Large writes at queue depth 16, mixed with
+small ones, run through the write read-ahead (requests received on the helper thread while
+a large write is handled, small ones among them).
 """
 
 import os
@@ -206,3 +208,55 @@ def test_queue_depth_one_with_adaptive_polling(tmp_path: Path, mirrorfs: MirrorF
         # How many depends on the machine's speed; that the path served requests (and
         # the images then compared equal) is what counts here.
         assert caught > 0, "polling was on but caught no request"
+
+
+READ_AHEAD_JOB = """\
+[global]
+filename=${FIOFILE}
+ioengine=libaio
+direct=1
+iodepth=16
+verify=crc32c
+verify_fatal=1
+randseed=%(seed)d
+[large]
+rw=randwrite
+bsrange=64k-1m
+size=%(large)d
+offset=0
+[small]
+rw=randwrite
+bs=4k
+size=%(small)d
+offset=%(large)d
+"""
+
+
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+def test_large_writes_through_the_read_ahead(tmp_path: Path, mirrorfs: MirrorFactory,
+                                             mode: str) -> None:
+    """Writes of 64 KiB to 1 MiB, 16 in flight, and 4 KiB writes beside them, during the
+    bulk copy, each read back and checked by fio through the mount; then on the target
+    after complete. The daemon must have received some requests on the read-ahead thread
+    (large writes stream, so the next one is queued while one is handled)."""
+    src = make_image(tmp_path / "disk.img", SIZE)
+    original = src.read_bytes()
+    jobfile = tmp_path / "large.fio"
+    jobfile.write_text(READ_AHEAD_JOB % {"seed": 99, "large": 24 * MiB, "small": 4 * MiB})
+    m = mirrorfs.mount(src, None, "--speed", "4M", "--copy-mode", mode)
+    r = fio(jobfile, m.img)
+    assert r.returncode == 0, f"fio failed ({r.returncode}): {r.stderr[-2000:]}"
+    errs = [line.split(";")[4] for line in r.stdout.splitlines() if line.startswith("3;")]
+    assert errs == ["0", "0"], f"fio: job errors {errs}: {r.stdout}"
+    m.command("speed 0")
+    m.wait("ready")
+    m.command("complete")
+    m.wait("completed")
+    m.umount()
+    assert src.read_bytes()[:28 * MiB] != original[:28 * MiB]
+    assert_same(src, m.tgt)
+    r = fio(jobfile, m.tgt, "--verify_only")
+    assert r.returncode == 0, f"fio verify-only on the target: {r.stderr[-2000:]}"
+    ahead = re.search(r"write read-ahead: (\d+) requests", (tmp_path / "daemon0.log").read_text())
+    assert ahead, "the daemon did not log its read-ahead statistics"
+    assert int(ahead[1]) > 0, "no request was received on the read-ahead thread"
