@@ -450,31 +450,39 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
         idle_pid, np_pid = reaper.mounts[mnt_idle], reaper.mounts[mnt_np]
         img_idle = os.path.join(mnt_idle, os.path.basename(idle_src))
         img_copy = os.path.join(mnt_copy, os.path.basename(copy_src))
+        def settle() -> None:
+            # A write case leaves the idle jobs copying again (each write dirties a chunk):
+            # every measurement waits until they are idle, not only its own job, so that
+            # no job's catching up competes with another's run for the CPU.
+            for p in (idle, nopoll):
+                p.wait(("ready",), 300, quiet=True)
+
         def run_raw(case: FioCase) -> dict[str, Any]:
+            settle()
             return run_fio(raw, case, size, runtime, ramp)
 
         def run_qsd(case: FioCase) -> dict[str, Any]:
             assert qsd_proc is not None
+            settle()
             c0 = cpu_seconds(qsd_proc.pid)
             r = run_fio(export, case, size, runtime, ramp)
             r["server_cpu_s"] = _delta(cpu_seconds(qsd_proc.pid), c0)
             return r
 
-        def on_ready_job(poller: CtlPoller, pid: int,
-                         img: str) -> Callable[[FioCase], dict[str, Any]]:
+        def on_ready_job(pid: int, img: str) -> Callable[[FioCase], dict[str, Any]]:
             def run(case: FioCase) -> dict[str, Any]:
-                poller.wait(("ready",), 120, quiet=True)
+                settle()
                 c0 = cpu_seconds(pid)
                 r = run_fio(img, case, size, runtime, ramp)
                 r["server_cpu_s"] = _delta(cpu_seconds(pid), c0)
                 return r
             return run
 
-        run_idle = on_ready_job(idle, idle_pid, img_idle)
-        run_nopoll = on_ready_job(nopoll, np_pid,
-                                  os.path.join(mnt_np, os.path.basename(np_src)))
+        run_idle = on_ready_job(idle_pid, img_idle)
+        run_nopoll = on_ready_job(np_pid, os.path.join(mnt_np, os.path.basename(np_src)))
 
         def run_copy(case: FioCase) -> dict[str, Any]:
+            settle()
             drop(copy_tgt)
             prefault(size + GiB // 2)
             st0 = mount_mirrorfs(reaper, copy_src, copy_tgt, mnt_copy, "--speed", str(speed))
@@ -699,22 +707,27 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
             bg.wait(("ready",), 300, quiet=True)
             wb.wait(("ready",), 300, quiet=True)
             ns.wait(("ready",), 300, quiet=True)
+            def settle() -> None:  # as in the fio section: no job catching up meanwhile
+                for p in (bg, wb, ns):
+                    p.wait(("ready",), 300, quiet=True)
+
             for case in cfg.wb_cases:
                 row: dict[str, Any] = {}
                 log(f"wb: {case[0]}: raw")
+                settle()
                 row["raw"] = run_fio(raw, case, size, runtime, ramp)
                 log(f"wb: {case[0]}: background")
-                bg.wait(("ready",), 120, quiet=True)
+                settle()
                 row["background"] = run_fio(os.path.join(mnt_bg, os.path.basename(bg_src)),
                                             case, size, runtime, ramp)
                 log(f"wb: {case[0]}: write-blocking")
-                wb.wait(("ready",), 120, quiet=True)
+                settle()
                 row["write_blocking"] = run_fio(os.path.join(mnt_wb, os.path.basename(wb_src)),
                                                 case, size, runtime, ramp)
                 st = wb.read()
                 row["write_blocking"]["active_bytes"] = st["active_bytes"]
                 log(f"wb: {case[0]}: background, no state file")
-                ns.wait(("ready",), 120, quiet=True)
+                settle()
                 row["background_no_state"] = run_fio(
                     os.path.join(mnt_ns, os.path.basename(ns_src)), case, size, runtime, ramp)
                 res["cases"][case[0]] = row
