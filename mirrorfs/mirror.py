@@ -233,6 +233,9 @@ class Mirror:
         self._copier_idle = False  # the loop waits for work: guest writes must wake it
         self.persist = persist  # the state file's activity log (None: no state file)
         self._checkpoint_soon = False
+        # Called right before a guest write is copied into the source inline, with nothing
+        # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
+        self.before_inline_write: Callable[[int], None] | None = None
         self._mark_initial(resume, resume_info or {})
 
     # ================================================================== setup
@@ -321,6 +324,7 @@ class Mirror:
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain. The mark comes even after
         # a failure: a write that failed halfway may have changed the source.
+        self._announce_inline_write(change, length)  # nothing from here on can suspend
         try:
             change.local(self.source, offset, offset + length)
         finally:
@@ -439,6 +443,8 @@ class Mirror:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
                 await self._log(a, b)
+            if not isinstance(self.target, NBDImage):  # both writes inline: no await left
+                self._announce_inline_write(change, length)
             try:
                 change.local(self.source, offset, offset + length)
             except BaseException:
@@ -467,6 +473,12 @@ class Mirror:
         finally:
             self._release(busy)
         return True
+
+    def _announce_inline_write(self, change: Change, length: int) -> None:
+        """Tell the FUSE layer that a guest write is about to be copied inline and that
+        nothing after it in this request can suspend (its read-ahead relies on that)."""
+        if self.before_inline_write is not None and type(change) is _Write:
+            self.before_inline_write(length)
 
     def _target_part(self, lo: int, hi: int) -> tuple[int, int]:
         """The part of a guest write that can go to the target now: all of it, except the

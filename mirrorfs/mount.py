@@ -462,7 +462,6 @@ async def _mounted(prep: Prepared, opts: MountOptions, notify: _Notifier) -> int
     if opts.allow_other:
         fuse_opts.add("allow_other")
     _set_polling(opts.poll_us)
-    _set_read_ahead()
     try:
         pyfuse3.init(ops, prep.mountpoint, fuse_opts)
     except Exception as e:  # pyfuse3 raises RuntimeError with little detail
@@ -502,13 +501,25 @@ def _set_polling(poll_us: int) -> None:
         log.warning("pyfuse3 lacks mirrorfs's adaptive-poll patch: run scripts/setup.sh")
 
 
-def _set_read_ahead() -> None:
+READ_AHEAD_MIN_BYTES = 128 * 1024
+
+
+def _set_read_ahead(mirror: Mirror) -> None:
     """Write read-ahead (third_party/pyfuse3.patch): while a large write is copied into
     the source, a helper thread receives the next request, so that the two copies of a
-    stream of large writes run on two cores (1 MiB O_DIRECT writes: +30%, see README)."""
+    stream of large writes run on two cores (1 MiB O_DIRECT writes: +30%, see README).
+    The mirror arms it only right before a copy that cannot suspend (pyfuse3's rule)."""
     set_read_ahead = getattr(pyfuse3, "set_read_ahead", None)
-    if set_read_ahead is not None:
-        set_read_ahead(True)
+    if set_read_ahead is None:
+        return
+    set_read_ahead(True)
+    read_ahead = pyfuse3.read_ahead
+
+    def before_inline_write(length: int) -> None:
+        if length >= READ_AHEAD_MIN_BYTES:
+            read_ahead()
+
+    mirror.before_inline_write = before_inline_write
 
 
 def _log_polling() -> None:
@@ -551,6 +562,7 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
     prep.state_created = False  # the job owns it now
     prep.target_created = False  # from here on the target is the job's, even on failure
     ops.mirror = mirror
+    _set_read_ahead(mirror)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)
         nursery.start_soon(mirror.run)

@@ -39,7 +39,7 @@ fi
 PYFUSE3_VERSION=3.5.0
 pyfuse3_patched() {
 	.venv/bin/python -c 'import pyfuse3, sys
-sys.exit("write-read-ahead" not in getattr(pyfuse3, "MIRRORFS_PATCHES", ()))' 2> /dev/null
+sys.exit("write-read-ahead-hint" not in getattr(pyfuse3, "MIRRORFS_PATCHES", ()))' 2> /dev/null
 }
 if ! pyfuse3_patched; then
 	echo "setup: building pyfuse3 $PYFUSE3_VERSION with mirrorfs's patches"
