@@ -179,6 +179,14 @@ class CtlPoller:
         os.close(self.fd)
 
 
+def settle_all(*pollers: CtlPoller) -> None:
+    """Wait until every long-lived job is idle. A write case leaves them copying again (each
+    write dirties a chunk); a measurement waits for all of them, not only its own job, so
+    that no job's catching up competes with another's run for the CPU."""
+    for p in pollers:
+        p.wait(("ready",), 300, quiet=True)
+
+
 def mount_mirrorfs(reaper: Reaper, src: str, tgt: str, mnt: str, *opts: str) -> dict[str, Any]:
     reaper.mounts[mnt] = None  # even a half-done mount gets cleaned up
     logfile = mnt.rstrip("/") + ".log"
@@ -451,11 +459,7 @@ def section_fio(cfg: argparse.Namespace, reaper: Reaper, base: str) -> dict[str,
         img_idle = os.path.join(mnt_idle, os.path.basename(idle_src))
         img_copy = os.path.join(mnt_copy, os.path.basename(copy_src))
         def settle() -> None:
-            # A write case leaves the idle jobs copying again (each write dirties a chunk):
-            # every measurement waits until they are idle, not only its own job, so that
-            # no job's catching up competes with another's run for the CPU.
-            for p in (idle, nopoll):
-                p.wait(("ready",), 300, quiet=True)
+            settle_all(idle, nopoll)
 
         def run_raw(case: FioCase) -> dict[str, Any]:
             settle()
@@ -707,9 +711,8 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
             bg.wait(("ready",), 300, quiet=True)
             wb.wait(("ready",), 300, quiet=True)
             ns.wait(("ready",), 300, quiet=True)
-            def settle() -> None:  # as in the fio section: no job catching up meanwhile
-                for p in (bg, wb, ns):
-                    p.wait(("ready",), 300, quiet=True)
+            def settle() -> None:
+                settle_all(bg, wb, ns)
 
             for case in cfg.wb_cases:
                 row: dict[str, Any] = {}
