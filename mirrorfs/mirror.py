@@ -131,7 +131,11 @@ class MirrorConfig:
     on_target_error: ErrorPolicy = ErrorPolicy.REPORT
     target_fresh: bool = False  # the target was created sparse by us: it reads as zeros
     max_op_bytes: int = 1 * MiB  # adjacent dirty chunks coalesce into ops up to this
-    batch_bytes: int = 4 * MiB  # data per worker-thread call (a thread trip costs ~100 us)
+    # Data per worker-thread call. 8 MiB: two batches fill the default buf-size, so one
+    # copies while the next is picked; with four of 4 MiB the copies contended for the
+    # target's inode and a lone one left the thread idle between trips (bulk copy of 1 GiB
+    # on ext4: 0.31-0.41 s at 4x4 MiB, 0.28-0.30 s at 2x8 MiB; copy_file_range alone 0.25 s).
+    batch_bytes: int = 8 * MiB
     ops_per_batch: int = 64
     drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
     max_backoff_s: float = 5.0
@@ -245,11 +249,14 @@ class Mirror:
             # Everything that may differ after the previous run: its saved bitmap plus the
             # extents of its activity log (see state.py).
             self.bitmap.mark_from(resume)
-        elif sync is SyncMode.FULL or (sync is SyncMode.TOP and not self.cfg.target_fresh):
+        elif sync in (SyncMode.FULL, SyncMode.TOP) and not self.cfg.target_fresh:
             # An existing target may hold anything where the source has holes: copy
             # everything (holes become punch-hole/zero-range ops, never zero data).
             self.bitmap.mark_all()
-        elif sync is SyncMode.TOP:
+        elif sync in (SyncMode.FULL, SyncMode.TOP):
+            # A target we created reads as zeros, as the source's holes do: only the data
+            # extents can differ (QEMU's mirror skips the same on a zero-initialized target).
+            # Nothing punches 1023 holes of a 64 GiB image that has them already.
             for start, end in self.source.data_extents():
                 self.bitmap.mark(start, end - start)
         self.job.emit("started", source=self.source.path, target=self.target.path,

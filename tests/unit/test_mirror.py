@@ -226,6 +226,30 @@ async def test_sync_top_copies_only_extents_and_keeps_target_sparse(tmp_path: Pa
     assert os.stat(tgt.path).st_blocks * 512 <= 2 * MiB
 
 
+async def test_sync_full_to_a_new_target_copies_only_the_data_extents(tmp_path: Path) -> None:
+    """A target created for the job reads as zeros, as the source's holes do: sync full then
+    marks only the data extents (QEMU's mirror does the same on a zero-initialized target)
+    and punches no hole of the 256 MiB of holes around them."""
+    size = 256 * MiB
+    src, tgt = make_pair(tmp_path, size, sparse=True)
+    for off in (0, 100 * MiB + 4096, 250 * MiB):
+        os.pwrite(src.fd, os.urandom(300 * KiB), off)
+    punched: list[tuple[int, int]] = []
+    zero = tgt.write_zeroes
+    tgt.write_zeroes = lambda off, n: (punched.append((off, n)), zero(off, n))[1]  # type: ignore[method-assign]
+    m = Mirror(src, tgt, cfg(sync=SyncMode.FULL, target_fresh=True))
+    assert m.bitmap.dirty_bytes <= 3 * 384 * KiB
+    async with trio.open_nursery() as n:
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
+    # only the holes inside the extents' chunks (partly data) are punched
+    assert m.zeroed_bytes <= 3 * 64 * KiB and sum(n for _, n in punched) <= 3 * 64 * KiB
+    assert os.stat(tgt.path).st_blocks * 512 <= 2 * MiB
+
+
 async def test_sync_full_punches_holes_and_zero_data(tmp_path: Path) -> None:
     size = 16 * MiB
     src, tgt = make_pair(tmp_path, size, sparse=True)
