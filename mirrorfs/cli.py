@@ -360,7 +360,16 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 
 def _mount(a: argparse.Namespace) -> int:
-    from mirrorfs import mount  # imports pyfuse3: only in the daemon
+    from mirrorfs import headstart
+
+    # The copy begins now, in a helper process, while this one imports and mounts.
+    head_start = headstart.start(a.source, a.target, a.sync, a.speed, a.granularity)
+    try:
+        from mirrorfs import mount  # imports pyfuse3: only in the daemon
+    except BaseException:
+        if head_start is not None:
+            head_start.abort()
+        raise
 
     opts = mount.MountOptions(
         source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,
@@ -371,7 +380,7 @@ def _mount(a: argparse.Namespace) -> int:
         notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
         tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval),
         no_state=a.no_state, poll_us=a.poll_us)
-    return mount.run_daemon(opts)
+    return mount.run_daemon(opts, head_start)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from bitarray import bitarray
 from bitarray.util import intervals
 
 from mirrorfs.bitmap import DirtyBitmap
+from mirrorfs.headstart import REPORT, HeadStart
 from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
@@ -186,7 +187,8 @@ class Mirror:
                  job: Job | None = None, clock: Callable[[], float] = trio.current_time,
                  pid: int | None = None, run_sync: RunSync | None = None,
                  persist: ActivityLog | None = None, resume: bitarray | None = None,
-                 resume_info: dict[str, Any] | None = None) -> None:
+                 resume_info: dict[str, Any] | None = None,
+                 head_start: HeadStart | None = None) -> None:
         self.source, self.target, self.cfg = source, target, cfg
         self.size = source.size
         self.job = job if job is not None else Job()
@@ -240,6 +242,16 @@ class Mirror:
         # Called right before a guest write is copied into the source inline, with nothing
         # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
         self.before_inline_write: Callable[[int], None] | None = None
+        # The head start (headstart.py): a helper process that began the bulk copy while
+        # the daemon started. The bulk copy is its alone until it ends; it is stopped before
+        # any guest write and anything but the plain bulk copy.
+        self._head_start = head_start
+        self._head_done = trio.Event()
+        self._head_chunks = 0  # chunks below this one are equal, by its reports
+        self._head_zeroed = 0
+        self._head_copied = 0
+        if head_start is None:
+            self._head_done.set()
         self._mark_initial(resume, resume_info or {})
 
     # ================================================================== setup
@@ -308,6 +320,8 @@ class Mirror:
     async def _change(self, offset: int, length: int, change: Change) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
         self.guest_ops += 1
+        if not self._head_done.is_set():  # its reports must all describe the disk before
+            await self._stop_head_start()
         persist = self.persist
         while True:
             while self._gate is not None:
@@ -655,12 +669,67 @@ class Mirror:
         """The copy loop; returns when the job has ended. Worker batches run in a nursery
         of their own, so the loop always waits for them (no copy outlives the job)."""
         async with trio.open_nursery() as nursery:
+            if self._head_start is not None:
+                nursery.start_soon(self._follow_head_start)
             if self.persist is not None:
                 nursery.start_soon(self._checkpointer)
             while not self.job.ended:
                 await self._step(nursery)
             nursery.cancel_scope.cancel()  # the checkpointer; batches are done by now
         log.info("mirror loop ended in state %s", self.job.state)
+
+    # ------------------------------------------------------------------ the head start
+    async def _follow_head_start(self) -> None:
+        """Apply the helper's reports until it ends; kill it if the job goes first."""
+        hs = self._head_start
+        assert hs is not None
+        t0 = self._now()
+        stream = trio.lowlevel.FdStream(hs.report_fd)  # closes the fd when done
+        hs.report_fd = -1
+        pending = b""
+        try:
+            async with stream:
+                while chunk := await stream.receive_some(1 << 16):
+                    pending += chunk
+                    whole = len(pending) - len(pending) % REPORT.size
+                    for pos, zeroed in REPORT.iter_unpack(pending[:whole]):
+                        self._head_progress(pos, zeroed)
+                    pending = pending[whole:]
+            await self._run_sync(hs.reap)
+        finally:
+            hs.kill()  # nothing but the mirror may write the target from here on
+            self._head_start = None
+            self._head_done.set()
+            self._wakeup.set()
+        how = "copied everything" if hs.status == 0 else (
+            "was stopped" if hs.status == 1 else f"stopped (exit status {hs.status})")
+        log.info("head start %s: %d bytes copied (%d of them zeros, skipped), %.3f s after "
+                 "the mirror started", how, self._head_copied, self._head_zeroed,
+                 self._now() - t0)
+
+    def _head_progress(self, pos: int, zeroed: int) -> None:
+        """The helper made [0, pos) equal: the chunks wholly inside are clean, and written
+        but not flushed (invariant 7), as after a copy batch."""
+        bm = self.bitmap
+        b = bm.nchunks if pos >= self.size else pos >> bm.shift
+        a = self._head_chunks
+        if b > a:
+            before = bm.dirty_bytes
+            bm.clear_chunks(a, b)
+            start, end = bm.byte_range(a, b)
+            self._note_written(start, end - start)
+            done = before - bm.dirty_bytes
+            self.copied_bytes += done
+            self._head_copied += done
+            self.meter.add(done, self._now())
+            self._head_chunks = b
+        self.zeroed_bytes += zeroed - self._head_zeroed
+        self._head_zeroed = zeroed
+
+    async def _stop_head_start(self) -> None:
+        if self._head_start is not None:
+            self._head_start.stop()
+        await self._head_done.wait()
 
     # ------------------------------------------------------------------ the state file
     def _snapshot(self, into: bitarray) -> None:
@@ -693,13 +762,16 @@ class Mirror:
         log.error("%s", msg)
         self.job.emit("error", side="state", message=msg, action="dropped state file")
 
-    async def checkpoint(self, **fields: Any) -> None:
+    async def checkpoint(self, flush: bool = True, **fields: Any) -> None:
         """Save the job's state. Both images are flushed first, outside the state file's
         lock (a slow target flush must not hold up guest writes that need a log entry);
-        the snapshot then claims clean only what that flush covered (invariant 7)."""
+        the snapshot then claims clean only what that flush covered (invariant 7). Without
+        ``flush`` (the first one, before any guest write) it claims clean only what was
+        clean when the job started, and what a flush covered since."""
         if self.persist is None:
             return
-        await self._flush_images()
+        if flush:
+            await self._flush_images()
         if self.persist is not None:  # raises StateFileLost if the file is no good now
             await self.persist.checkpoint(self._snapshot, **fields)
 
@@ -745,6 +817,11 @@ class Mirror:
     async def _step(self, nursery: trio.Nursery) -> None:
         self._wakeup = trio.Event()
         state = self.job.state
+        if self._head_start is not None:
+            if state is not State.COPYING or self.bucket.rate:
+                self._head_start.stop()  # a verb or a speed limit: the job's own rules
+            await self._wakeup.wait()
+            return
         now = self._now()
         if state is State.CANCELLING and self._abandon:
             if not self._busy:

@@ -23,6 +23,7 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.fs import MirrorOperations
+from mirrorfs.headstart import HeadStart
 from mirrorfs.images import FileImage
 from mirrorfs.job import Job, State
 from mirrorfs.locks import ImageLocked, lock_image
@@ -89,8 +90,11 @@ class Prepared:
     resume: bitarray | None = None  # chunks to copy, from the state file
     resume_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     granularity: int = 0
+    head_start: HeadStart | None = None
 
     async def aclose(self) -> None:
+        if self.head_start is not None:
+            self.head_start.kill()  # before the target is closed (or removed)
         self.source.close()
         await _close_target(self.target)
         if self.statefile is not None:
@@ -207,9 +211,21 @@ def _lock(img: FileImage, what: str) -> None:
         raise MountError(f"{what} {e}") from None
 
 
-async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
+async def prepare(opts: MountOptions, nursery: trio.Nursery,
+                  head_start: HeadStart | None = None) -> Prepared:
     """Everything short of mounting. On error nothing is left changed. An NBD target's
-    reader task runs in ``nursery``."""
+    reader task runs in ``nursery``. With a head start the images are open already (the
+    target created) and a helper copies; an error here ends it and removes the target."""
+    try:
+        return await _prepare(opts, nursery, head_start)
+    except BaseException:
+        if head_start is not None:
+            head_start.abort()
+        raise
+
+
+async def _prepare(opts: MountOptions, nursery: trio.Nursery,
+                   head_start: HeadStart | None) -> Prepared:
     notes: list[str] = []
     src, _sst, tgt, tst = check_images(opts)
     mnt = check_mountpoint(opts.mountpoint, notes)
@@ -219,7 +235,11 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
     name = opts.name or os.path.basename(src)
     if not name or "/" in name or name in (".", "..", ".mirror"):
         raise MountError(f"invalid image name {name!r}")
-    source = _open_image(src, "source")
+    if head_start is not None:
+        sfd, tfd = head_start.take_images()
+        source = FileImage(src, sfd)
+    else:
+        source = _open_image(src, "source")
     target: Target | None = None
     created = False
     nbd = _nbd_address(opts)
@@ -229,6 +249,9 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
             raise MountError(f"source {src} is empty")
         if nbd is not None:
             target = await _open_nbd(nbd, opts, source.size, nursery)
+        elif head_start is not None:  # created and locked already: see headstart.py
+            target = FileImage(tgt, tfd)
+            created = True
         elif tst is not None:
             ftarget = _open_image(tgt, "target")
             target = ftarget
@@ -240,9 +263,11 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
             created = True
             _lock(ftarget, "target")
         prep = Prepared(source, target, created, mnt, name, notes, fresh=created,
-                        granularity=opts.granularity)
+                        granularity=opts.granularity, head_start=head_start)
         _prepare_state(prep, opts)
     except BaseException:
+        if head_start is not None:
+            head_start.kill()  # before the target goes
         source.close()
         if target is not None:
             await _close_target(target)
@@ -427,21 +452,22 @@ class _Notifier:
             self.fd = None
 
 
-def run_daemon(opts: MountOptions) -> int:
+def run_daemon(opts: MountOptions, head_start: HeadStart | None = None) -> int:
     """Mount and serve in this process until unmounted. Returns the exit status."""
     setup_logging(opts)
     try:
-        return trio.run(_daemon, opts, _Notifier(opts.notify_fd))
+        return trio.run(_daemon, opts, _Notifier(opts.notify_fd), head_start)
     except BaseExceptionGroup as group:  # one error (Ctrl-C, a crash): itself, for the CLI
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
 
 
-async def _daemon(opts: MountOptions, notify: _Notifier) -> int:
+async def _daemon(opts: MountOptions, notify: _Notifier, head_start: HeadStart | None,
+                  ) -> int:
     async with trio.open_nursery() as io:  # an NBD target's reader task lives here
         try:
-            prep = await prepare(opts, io)
+            prep = await prepare(opts, io, head_start)
         except MountError as e:
             notify.send("ERROR", str(e))
             return 1
@@ -546,12 +572,15 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         persist = ActivityLog(sf, bitarray(sf.nchunks, endian="little"), prep.granularity,
                               sf.header["extent_bytes"])
     mirror = Mirror(prep.source, prep.target, cfg, Job(), persist=persist,
-                    resume=prep.resume, resume_info=prep.resume_info)
+                    resume=prep.resume, resume_info=prep.resume_info,
+                    head_start=prep.head_start)
     prep.resume = None  # merged into the mirror's bitmap: do not keep a second copy
     if persist is not None:
-        # the initial bitmap is on disk before the first guest write
+        # the initial bitmap is on disk before the first guest write; no flush of the
+        # images (nothing is claimed clean that was not; the head start's copy in progress
+        # must not be flushed before the mount serves)
         try:
-            await mirror.checkpoint(phase="running", clean=False)
+            await mirror.checkpoint(flush=False, phase="running", clean=False)
         except CopyError as e:
             raise MountError(f"cannot flush the target {prep.target.path}: "
                              f"{e.err.strerror or e.err}") from None

@@ -1,0 +1,89 @@
+"""The head start through the real daemon: a new target is being copied by the helper
+process while the mount starts; guest writes, a crash and a remount must lose nothing."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from conftest import MiB, MirrorFactory, Mount, alive, assert_same, run_mirrorfs
+
+SIZE = 1536 * MiB
+
+
+def big_image(path: Path) -> Path:
+    """1.5 GiB of data (a random 4 MiB block, repeated: quick to write, and no chunk is
+    all zeros), so that the helper is still copying when the mount returns."""
+    block = os.urandom(4 * MiB)
+    with open(path, "wb") as f:
+        for i in range(SIZE // len(block)):
+            f.write(block[:8] + i.to_bytes(8, "little") + block[16:])
+    return path
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def daemon_log(m: Mount, mirrorfs: MirrorFactory) -> str:
+    i = mirrorfs.mounts.index(m)
+    return (mirrorfs.tmp / f"daemon{i}.log").read_text()
+
+
+def test_guest_writes_right_after_the_mount(tmp_path: Path, mirrorfs: MirrorFactory) -> None:
+    src = big_image(tmp_path / "disk.img")
+    m = mirrorfs.mount(src)
+    writes = [(0, os.urandom(4096)), (700 * MiB + 12345, os.urandom(200 * 1024)),
+              (SIZE - 65536, os.urandom(65536))]
+    fd = os.open(m.img, os.O_WRONLY)
+    try:
+        for off, data in writes:
+            os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.wait("ready", timeout=120)
+    m.command("complete")
+    m.wait("completed")
+    log = daemon_log(m, mirrorfs)
+    m.umount()
+    assert "head start" in log, "the mount did not use the head start"
+    with open(src, "rb") as f:
+        for off, data in writes:
+            assert os.pread(f.fileno(), len(data), off) == data
+    assert_same(src, m.tgt)
+
+
+def test_the_helper_ends_with_a_killed_daemon(tmp_path: Path,
+                                              mirrorfs: MirrorFactory) -> None:
+    """kill -9 of the daemon while the helper copies: the helper ends too (its stop pipe
+    ends), so nothing writes the target behind the next mount; that mount copies again
+    what the crash left unsure, and the target ends equal."""
+    src = big_image(tmp_path / "disk.img")
+    m = mirrorfs.mount(src)
+    assert m.pid
+    helpers = children(m.pid)
+    assert helpers, "the helper had finished before the test could see it"
+    os.kill(m.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in [m.pid, *helpers]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in helpers), "the helper outlived its daemon"
+    run_mirrorfs("umount", str(m.mnt))  # the dead mount
+    r = mirrorfs.mount(src, m.tgt, mnt=m.mnt)
+    assert "head start" not in daemon_log(r, mirrorfs)  # not for an existing target
+    r.wait("ready", timeout=120)
+    r.command("complete")
+    r.wait("completed")
+    r.umount()
+    assert_same(src, m.tgt)
