@@ -5,16 +5,17 @@ import argparse
 import contextlib
 import enum
 import errno
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirrorfs.sizes import format_size, parse_size
 from mirrorfs.system import alive
+
+if TYPE_CHECKING:
+    from mirrorfs.headstart import HeadStart
 
 GRANULARITY_MIN, GRANULARITY_MAX = 4 << 10, 64 << 20
 ENDED = ("completed", "cancelled", "failed")
@@ -183,6 +184,8 @@ def read_status(mnt: str) -> dict[str, Any]:
             raise CliError(f"{mnt}: the mirrorfs daemon is gone (dead mount); "
                            f"`mirrorfs umount {mnt}` cleans it up") from None
         raise CliError(f"cannot read {ctl_path(mnt)}: {e.strerror}") from None
+    import json  # json and subprocess are imported where used: mount's head start waits
+
     try:
         obj = json.loads(data)
     except ValueError:
@@ -281,6 +284,8 @@ def _eta(eta: float | None) -> str:
 
 # ====================================================================== verbs
 def cmd_status(a: argparse.Namespace) -> int:
+    import json
+
     while True:
         st = read_status(a.mountpoint)
         if a.json:
@@ -330,6 +335,8 @@ def cmd_umount(a: argparse.Namespace) -> int:
         if st.get("state") not in ENDED:
             print(f"mirrorfs: note: the job was {st.get('state')}; it ends with the mount",
                   file=sys.stderr)
+    import subprocess
+
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         msg = r.stderr.strip()
@@ -365,11 +372,14 @@ def _mount(a: argparse.Namespace) -> int:
     # The copy begins now, in a helper process, while this one imports and mounts.
     head_start = headstart.start(a.source, a.target, a.sync, a.speed, a.granularity)
     try:
-        from mirrorfs import mount  # imports pyfuse3: only in the daemon
-    except BaseException:
+        return _run_daemon(a, head_start)
+    finally:  # ends the helper; removes the target only if the mount never took it
         if head_start is not None:
             head_start.abort()
-        raise
+
+
+def _run_daemon(a: argparse.Namespace, head_start: "HeadStart | None") -> int:
+    from mirrorfs import mount  # imports pyfuse3: only in the daemon
 
     opts = mount.MountOptions(
         source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,

@@ -62,7 +62,10 @@ class HeadStart:
     def reap(self) -> None:
         """Wait for the helper to exit (after the end of its reports: at once)."""
         if self.status is None:
-            self.status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            try:
+                self.status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            except ChildProcessError:  # SIGCHLD ignored by whoever started us: reaped
+                self.status = -1
 
     def kill(self) -> None:
         """End the helper now, whatever it was doing (idempotent); then nothing writes the
@@ -81,11 +84,7 @@ class HeadStart:
         self.kill()
         if not self.images_taken:
             self.images_taken = True
-            for fd in (self.source_fd, self.target_fd):
-                unlock_image(fd)
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.target_path)
+            _undo(self.source_fd, self.target_fd, self.target_path)
 
 
 def eligible(target: str, sync: str, speed: int) -> bool:
@@ -105,45 +104,94 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
     reports) it all."""
     if not eligible(target, sync, speed):
         return None
-    try:
-        sfd = os.open(source, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+    sfd = _open_source(source)
+    if sfd < 0:  # the ordinary path finds and reports what is wrong
         return None
-    try:
-        st = os.fstat(sfd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            os.close(sfd)
-            return None
-        lock_image(sfd, source)
-    except (OSError, ImageLocked):
-        os.close(sfd)  # the ordinary path finds and reports what is wrong
+    st = os.fstat(sfd)
+    if not _room_for(target, st, granularity):
+        _undo(sfd)
         return None
     try:
         tfd = _create(target, st)
     except (OSError, ImageLocked):
-        unlock_image(sfd)
-        os.close(sfd)
+        _undo(sfd)
         return None
-    report_r, report_w = os.pipe()
-    stop_r, stop_w = os.pipe()
-    pid = os.fork()
+    try:
+        report_r, report_w = os.pipe()
+        stop_r, stop_w = os.pipe()
+        pid = os.fork()
+    except OSError:  # no fds or processes left: the ordinary path needs none
+        _undo(sfd, tfd, target)
+        return None
     if pid == 0:  # the helper
-        code = 1
+        code = 2
         try:
             os.close(report_r)
             os.close(stop_w)
-            keep = sorted((sfd, tfd, report_w, stop_r))
-            lo = 3
-            for fd in keep:
-                os.closerange(lo, fd)
-                lo = fd + 1
-            os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+            _keep_only(sfd, tfd, report_w, stop_r)
             code = copy_extents(sfd, tfd, st.st_size, granularity, report_w, stop_r)
         finally:
             os._exit(code)
     os.close(report_w)
     os.close(stop_r)
     return HeadStart(sfd, tfd, target, st.st_size, pid, report_r, stop_w)
+
+
+def _open_source(path: str) -> int:
+    """The source opened for the mount and locked, if it is a regular file with data
+    (checked before it is opened: opening a device can have side effects); else -1."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return -1
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and now.st_size:
+            lock_image(fd, path)
+            return fd
+    except (OSError, ImageLocked):
+        pass
+    os.close(fd)
+    return -1
+
+
+def _room_for(target: str, st: os.stat_result, granularity: int) -> bool:
+    """Does the target's file system hold the source's data and the state file? Else the
+    helper would fill it before the daemon has created the state file, and the mount would
+    be refused; the ordinary path mounts and meets ENOSPC under the error policy."""
+    try:
+        vfs = os.statvfs(os.path.dirname(os.path.abspath(target)))
+    except OSError:
+        return False
+    state = 3 * (st.st_size // granularity // 8) + (1 << 20)  # two bitmaps and a log
+    return st.st_blocks * 512 + state <= vfs.f_bavail * vfs.f_frsize
+
+
+def _undo(sfd: int, tfd: int = -1, target: str = "") -> None:
+    for fd in (sfd, tfd):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                unlock_image(fd)
+            os.close(fd)
+    if target:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+
+
+def _keep_only(*fds: int) -> None:
+    """The helper: /dev/null for stdio (a supervisor of a --foreground daemon waits for
+    the end of its output, not for the copy) and none of the daemon's other files."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    lo = 3
+    for fd in sorted(fds):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
 
 
 def _create(path: str, st: os.stat_result) -> int:
@@ -166,6 +214,10 @@ def copy_extents(src: int, tgt: int, size: int, g: int, report: int, stop: int) 
     ``[0, P)`` equal after each step. Returns the exit status: 0 once all is copied, 1 when
     stopped, 2 on an error (the mirror then meets it itself)."""
     pos = zeroed = 0
+    step = max(STEP, g)  # whole chunks per step, whatever the granularity
+    stopped = select.poll()
+    stopped.register(stop, select.POLLIN)
+    copier = _Copier(src, tgt)
     try:
         while pos < size:
             try:
@@ -178,10 +230,10 @@ def copy_extents(src: int, tgt: int, size: int, g: int, report: int, stop: int) 
                 break
             hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
             while data < hole:
-                if select.select([stop], [], [], 0)[0]:
+                if stopped.poll(0):  # the daemon closed it, or died
                     return 1
-                end = min(hole, (data // g) * g + STEP)
-                zeroed += _copy_run(src, tgt, data, end, g)
+                end = min(hole, (data // step + 1) * step)
+                zeroed += _copy_run(copier, data, end, g)
                 data = end
                 _report(report, data, zeroed)
             pos = hole
@@ -195,7 +247,7 @@ def _report(fd: int, pos: int, zeroed: int) -> None:
     os.write(fd, REPORT.pack(pos, zeroed))  # 16 bytes: a pipe writes them whole
 
 
-def _copy_run(src: int, tgt: int, lo: int, hi: int, g: int) -> int:
+def _copy_run(copier: "_Copier", lo: int, hi: int, g: int) -> int:
     """Copy [lo, hi) of one data extent; all-zero chunks are skipped (the target reads as
     zeros there already). Returns the bytes skipped."""
     zeroed = 0
@@ -203,17 +255,17 @@ def _copy_run(src: int, tgt: int, lo: int, hi: int, g: int) -> int:
     pos = lo
     while pos < hi:
         nxt = min((pos // g + 1) * g, hi)
-        if not _all_zero(src, pos, nxt):
+        if not _all_zero(copier.src, pos, nxt):
             if run < 0:
                 run = pos
         else:
             if run >= 0:
-                _copy(src, tgt, run, pos)
+                copier.copy(run, pos)
                 run = -1
             zeroed += nxt - pos
         pos = nxt
     if run >= 0:
-        _copy(src, tgt, run, hi)
+        copier.copy(run, hi)
     return zeroed
 
 
@@ -231,9 +283,38 @@ def _all_zero(fd: int, lo: int, hi: int) -> bool:
     return True
 
 
-def _copy(src: int, tgt: int, lo: int, hi: int) -> None:
-    while lo < hi:
-        n = os.copy_file_range(src, tgt, hi - lo, lo, lo)
-        if n <= 0:
-            raise OSError(errno.EIO, "copy_file_range copied nothing")
-        lo += n
+class _Copier:
+    """copy_file_range while the kernel can (same file system); else through a buffer
+    (a target on another file system is the common case of a migration)."""
+
+    def __init__(self, src: int, tgt: int) -> None:
+        self.src, self.tgt = src, tgt
+        self._kernel = True
+        self._buf = memoryview(bytearray(0))
+
+    def copy(self, lo: int, hi: int) -> None:
+        while lo < hi:
+            if self._kernel:
+                try:
+                    n = os.copy_file_range(self.src, self.tgt, hi - lo, lo, lo)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                       errno.EOPNOTSUPP):
+                        raise
+                    self._kernel = False
+                    continue
+            else:
+                n = self._through_buffer(lo, hi)
+            if n <= 0:
+                raise OSError(errno.EIO, "the source ended early")
+            lo += n
+
+    def _through_buffer(self, lo: int, hi: int) -> int:
+        if not self._buf:
+            self._buf = memoryview(bytearray(STEP))
+        view = self._buf[:min(len(self._buf), hi - lo)]
+        n = os.preadv(self.src, [view], lo)
+        done = 0
+        while done < n:
+            done += os.pwrite(self.tgt, view[done:n], lo + done)
+        return n

@@ -250,6 +250,7 @@ class Mirror:
         self._head_chunks = 0  # chunks below this one are equal, by its reports
         self._head_zeroed = 0
         self._head_copied = 0
+        self._head_epoch = self._target_epoch
         if head_start is None:
             self._head_done.set()
         self._mark_initial(resume, resume_info or {})
@@ -709,7 +710,13 @@ class Mirror:
 
     def _head_progress(self, pos: int, zeroed: int) -> None:
         """The helper made [0, pos) equal: the chunks wholly inside are clean, and written
-        but not flushed (invariant 7), as after a copy batch."""
+        but not flushed (invariant 7), as after a copy batch. Once the target may have lost
+        writes (a failed flush), a report may describe some of them, as a batch then in
+        flight would (``_settle``): the helper is stopped, its later reports ignored."""
+        if self._check_epoch() != self._head_epoch:
+            if self._head_start is not None:
+                self._head_start.stop()
+            return
         bm = self.bitmap
         b = bm.nchunks if pos >= self.size else pos >> bm.shift
         a = self._head_chunks

@@ -454,7 +454,12 @@ class _Notifier:
 
 def run_daemon(opts: MountOptions, head_start: HeadStart | None = None) -> int:
     """Mount and serve in this process until unmounted. Returns the exit status."""
-    setup_logging(opts)
+    try:
+        setup_logging(opts)
+    except OSError as e:
+        _Notifier(opts.notify_fd).send("ERROR", f"cannot open the log file {opts.log_file}: "
+                                                f"{e.strerror or e}")
+        return 1
     try:
         return trio.run(_daemon, opts, _Notifier(opts.notify_fd), head_start)
     except BaseExceptionGroup as group:  # one error (Ctrl-C, a crash): itself, for the CLI
@@ -581,9 +586,6 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         # must not be flushed before the mount serves)
         try:
             await mirror.checkpoint(flush=False, phase="running", clean=False)
-        except CopyError as e:
-            raise MountError(f"cannot flush the target {prep.target.path}: "
-                             f"{e.err.strerror or e.err}") from None
         except OSError as e:  # e.g. no room next to the target: refuse, as prepare() would
             raise MountError(f"cannot write the state file {persist.sf.path}: "
                              f"{e.strerror}") from None

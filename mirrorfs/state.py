@@ -15,12 +15,12 @@ every chunk of the extents set in the activity log (DRBD's idea). So:
 * Otherwise its extents must be in the activity log *on disk* (written and fdatasync'd)
   before the write reaches the source. That costs one small synchronous metadata write per
   extent (4 MiB by default), not per guest write.
-* A checkpoint first flushes both images, then writes what may still differ (dirty, in
-  flight, written since that flush began) into the inactive slot with an empty activity log,
-  syncs, and switches the header to it. Until the switch the old slot is valid. Writes that
-  need a log entry wait for the checkpoint and log into the new slot; writes the new P covers
-  skip the log, so a checkpoint that fails puts every extent of its P into the old log
-  before it lets go.
+* A checkpoint first flushes both images (all but the first, before any guest write),
+  then writes what may still differ (dirty, in flight, written since that flush began)
+  into the inactive slot with an empty activity log, syncs, and switches the header to it.
+  Until the switch the old slot is valid. Writes that need a log entry wait for the
+  checkpoint and log into the new slot; writes the new P covers skip the log, so a
+  checkpoint that fails puts every extent of its P into the old log before it lets go.
 * A clean stop is a checkpoint with ``clean: true``. After a crash, the resumed job copies P
   plus the logged extents: nothing else can differ.
 """
@@ -222,8 +222,9 @@ class ActivityLog:
 
         ``fill`` writes the snapshot into ``self.p`` in place (no second copy of a bitmap
         that is 32 MiB for 16 TiB), under the lock, so no write can slip between it and the
-        switch to the new log. The caller has flushed both images first: P must never say
-        "clean" about a chunk whose copy is still only in a cache."""
+        switch to the new log. P must never say "clean" about a chunk whose copy is still
+        only in a cache: the caller flushed both images first, or (the first checkpoint,
+        before any guest write) ``fill`` counts everything written since as dirty."""
         async with self.lock:
             old_al = self.al.copy()
             fill(self.p)

@@ -1,14 +1,17 @@
 """The head start (headstart.py): its helper process on real files, and the mirror taking
 over from it. Guest writes that arrive while it copies must never be lost."""
 
+import errno
 import os
 import signal
+import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 
 from mirrorfs import headstart
-from mirrorfs.images import FileImage
+from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State
 from mirrorfs.mirror import Mirror, MirrorConfig
 
@@ -153,3 +156,96 @@ async def test_guest_writes_during_the_head_start_are_not_lost(tmp_path: Path) -
     for off, d in writes:
         assert data[off:off + len(d)] == d
     assert data == tgt.read_bytes()
+
+
+def test_chunks_larger_than_a_step(tmp_path: Path) -> None:
+    """At 8 MiB granularity (above the 4 MiB step) every step is whole chunks; an extent
+    that starts 5 MiB into a chunk must not send the copy backwards (a review found it
+    spinning on one report)."""
+    g = 8 * MiB
+    size = 40 * MiB
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(5 * MiB)
+        f.write(os.urandom(20 * MiB))
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    s, t = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDWR)
+    rr, rw = os.pipe()
+    sr, sw = os.pipe()
+    os.set_blocking(rw, False)  # a helper that spins fills the pipe: an error, not a hang
+    try:
+        assert headstart.copy_extents(s, t, size, g, rw, sr) == 0
+        os.close(rw)
+        got = reports(rr)
+    finally:
+        for fd in (s, t, rr, sr, sw):
+            os.close(fd)
+    assert src.read_bytes() == tgt.read_bytes()
+    positions = [p for p, _ in got]
+    assert positions == sorted(positions) and len(got) <= 6, got
+
+
+class LosingTarget(FileImage):
+    """Its next flush fails and loses everything written so far (all reads as zeros)."""
+
+    fail_next_flush = False
+
+    def flush(self) -> None:
+        if self.fail_next_flush:
+            self.fail_next_flush = False
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, self.size)
+            raise OSError(errno.EIO, "Input/output error")
+        super().flush()
+
+
+async def test_reports_after_a_failed_target_flush_are_not_trusted(tmp_path: Path) -> None:
+    """The helper copies, its reports wait in the pipe; then a flush of the target fails
+    and loses what it wrote. Those reports describe lost writes: the mirror must not clear
+    their chunks (as it discards a batch in flight across a loss), and copies them itself."""
+    size = 64 * MiB
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    src.write_bytes(os.urandom(size))
+    hs = headstart.start(str(src), str(tgt), "full", 0, G)
+    assert hs is not None
+    sfd, tfd = hs.take_images()
+    source, target = FileImage(str(src), sfd), LosingTarget(str(tgt), tfd)
+    m = Mirror(source, target, MirrorConfig(granularity=G, target_fresh=True), head_start=hs)
+    try:
+        with trio.fail_after(30):
+            while allocated(tgt) < 8 * MiB:  # some steps copied and reported, none applied
+                await trio.sleep(0.001)
+        target.fail_next_flush = True
+        with pytest.raises(OSError):
+            await m._flush_target()
+        async with trio.open_nursery() as n:
+            n.start_soon(m.run)
+            with trio.fail_after(60):
+                while m.job.state is not State.READY:
+                    await trio.sleep(0.01)
+            assert m.copied_bytes == size  # all of it by the mirror, none by the reports
+            m.complete()
+            with trio.fail_after(60):
+                while m.job.state is not State.COMPLETED:
+                    await trio.sleep(0.01)
+    finally:
+        hs.kill()
+        source.close()
+        target.close()
+    assert src.read_bytes() == tgt.read_bytes()
+
+
+def test_no_head_start_where_the_target_would_not_fit(tmp_path: Path) -> None:
+    """The helper would fill the file system before the daemon writes its state file (the
+    mount would then be refused): the ordinary path mounts and meets ENOSPC instead."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(8 * MiB))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        assert headstart.start(str(src), str(small / "t.img"), "full", 0, G) is None
+        assert not (small / "t.img").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
