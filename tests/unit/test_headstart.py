@@ -30,6 +30,28 @@ def reports(fd: int) -> list[tuple[int, int]]:
     return list(headstart.REPORT.iter_unpack(data))
 
 
+def run_helper(src: Path, tgt: Path, g: int, stopped: bool = False
+               ) -> tuple[int, list[tuple[int, int]]]:
+    """copy_extents in this process from src to a new sparse tgt: its exit status and
+    reports. The report pipe does not block: a helper that spins fails, it does not hang."""
+    size = os.path.getsize(src)
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    s, t = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDWR)
+    rr, rw = os.pipe()
+    sr, sw = os.pipe()
+    os.set_blocking(rw, False)
+    if stopped:
+        os.close(sw)  # as the daemon does to stop it, or as its death does
+    try:
+        code = headstart.copy_extents(s, t, size, g, rw, sr)
+        os.close(rw)
+        return code, reports(rr)
+    finally:
+        for fd in (s, t, rr, sr) + (() if stopped else (sw,)):
+            os.close(fd)
+
+
 def test_the_helper_copies_the_data_and_skips_zeros(tmp_path: Path) -> None:
     size = 64 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
@@ -41,18 +63,8 @@ def test_the_helper_copies_the_data_and_skips_zeros(tmp_path: Path) -> None:
         f.write(bytes(2 * G) + os.urandom(G) + bytes(G - 1) + b"x")  # zero chunks as data
         f.seek(size - 100)
         f.write(os.urandom(100))
-    with open(tgt, "wb") as f:
-        f.truncate(size)
-    s, t = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDWR)
-    rr, rw = os.pipe()
-    sr, sw = os.pipe()
-    try:
-        assert headstart.copy_extents(s, t, size, G, rw, sr) == 0
-        os.close(rw)
-        got = reports(rr)
-    finally:
-        for fd in (s, t, rr, sr, sw):
-            os.close(fd)
+    code, got = run_helper(src, tgt, G)
+    assert code == 0
     assert src.read_bytes() == tgt.read_bytes()
     positions = [p for p, _ in got]
     assert positions == sorted(positions) and positions[-1] == size
@@ -64,19 +76,7 @@ def test_the_helper_stops_when_asked(tmp_path: Path) -> None:
     size = 16 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
     src.write_bytes(os.urandom(size))
-    with open(tgt, "wb") as f:
-        f.truncate(size)
-    s, t = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDWR)
-    rr, rw = os.pipe()
-    sr, sw = os.pipe()
-    os.close(sw)  # as the daemon does to stop it, or as its death does
-    try:
-        assert headstart.copy_extents(s, t, size, G, rw, sr) == 1
-        os.close(rw)
-        assert reports(rr) == []
-    finally:
-        for fd in (s, t, rr, sr):
-            os.close(fd)
+    assert run_helper(src, tgt, G, stopped=True) == (1, [])
     assert allocated(tgt) == 0
 
 
@@ -169,19 +169,8 @@ def test_chunks_larger_than_a_step(tmp_path: Path) -> None:
         f.truncate(size)
         f.seek(5 * MiB)
         f.write(os.urandom(20 * MiB))
-    with open(tgt, "wb") as f:
-        f.truncate(size)
-    s, t = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDWR)
-    rr, rw = os.pipe()
-    sr, sw = os.pipe()
-    os.set_blocking(rw, False)  # a helper that spins fills the pipe: an error, not a hang
-    try:
-        assert headstart.copy_extents(s, t, size, g, rw, sr) == 0
-        os.close(rw)
-        got = reports(rr)
-    finally:
-        for fd in (s, t, rr, sr, sw):
-            os.close(fd)
+    code, got = run_helper(src, tgt, g)
+    assert code == 0
     assert src.read_bytes() == tgt.read_bytes()
     positions = [p for p, _ in got]
     assert positions == sorted(positions) and len(got) <= 6, got
