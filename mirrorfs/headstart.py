@@ -24,6 +24,7 @@ This module imports nothing heavy: the daemon uses it before its imports.
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import select
@@ -31,6 +32,7 @@ import signal
 import stat
 import struct
 
+from mirrorfs.images import link_fd
 from mirrorfs.locks import ImageLocked, lock_image, unlock_image
 
 STEP = 4 << 20  # bytes between two looks at the stop pipe (~1 ms of copying)
@@ -47,11 +49,19 @@ class HeadStart:
         self.target_path, self.size = target_path, size
         self.pid, self.report_fd, self._stop_fd = pid, report_fd, stop_fd
         self.images_taken = False  # prepare() wrapped the fds: they are its to close
+        self.linked = False  # the target has its name (see link)
         self.status: int | None = None  # the helper's exit status once reaped
 
     def take_images(self) -> tuple[int, int]:
         self.images_taken = True
         return self.source_fd, self.target_fd
+
+    def link(self) -> None:
+        """Give the target its name, once the mount has passed every check: until then it
+        is an unnamed file (O_TMPFILE), so a refused mount changes nothing, not even the
+        directory's mtime. Raises FileExistsError if the name was taken meanwhile."""
+        link_fd(self.target_fd, self.target_path)
+        self.linked = True
 
     def stop(self) -> None:
         """Ask the helper to stop after its current step (idempotent)."""
@@ -80,17 +90,18 @@ class HeadStart:
             self.report_fd = -1
 
     def abort(self) -> None:
-        """The mount failed before prepare() took the images: undo everything."""
+        """The mount failed before prepare() took the images: undo everything (the target
+        has no name yet: closing it is removing it)."""
         self.kill()
         if not self.images_taken:
             self.images_taken = True
-            _undo(self.source_fd, self.target_fd, self.target_path)
+            _undo(self.source_fd, self.target_fd)
 
 
 def eligible(target: str, sync: str, speed: int) -> bool:
     """A head start only for a new local target, a full or top sync and no speed limit
     (an NBD URI, an existing target or a resumed job take the ordinary way)."""
-    if str(sync) not in ("full", "top") or speed:
+    if str(sync) not in ("full", "top") or speed or not os.path.isdir("/proc/self/fd"):
         return False
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", target):  # maybe a URI: not ours to judge
         return False
@@ -116,19 +127,23 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
     except (OSError, ImageLocked):
         _undo(sfd)
         return None
+    pipes: list[int] = []
     try:
-        report_r, report_w = os.pipe()
-        stop_r, stop_w = os.pipe()
+        pipes += os.pipe()
+        pipes += os.pipe()
         pid = os.fork()
     except OSError:  # no fds or processes left: the ordinary path needs none
-        _undo(sfd, tfd, target)
+        for fd in pipes:
+            os.close(fd)
+        _undo(sfd, tfd)
         return None
+    report_r, report_w, stop_r, stop_w = pipes
     if pid == 0:  # the helper
         code = 2
         try:
             os.close(report_r)
             os.close(stop_w)
-            _keep_only(sfd, tfd, report_w, stop_r)
+            sfd, tfd, report_w, stop_r = _keep_only(sfd, tfd, report_w, stop_r)
             code = copy_extents(sfd, tfd, st.st_size, granularity, report_w, stop_r)
         finally:
             os._exit(code)
@@ -170,40 +185,42 @@ def _room_for(target: str, st: os.stat_result, granularity: int) -> bool:
     return st.st_blocks * 512 + state <= vfs.f_bavail * vfs.f_frsize
 
 
-def _undo(sfd: int, tfd: int = -1, target: str = "") -> None:
+def _undo(sfd: int, tfd: int = -1) -> None:
     for fd in (sfd, tfd):
         if fd >= 0:
             with contextlib.suppress(OSError):
                 unlock_image(fd)
             os.close(fd)
-    if target:
-        with contextlib.suppress(OSError):
-            os.unlink(target)
 
 
-def _keep_only(*fds: int) -> None:
+def _keep_only(*fds: int) -> list[int]:
     """The helper: /dev/null for stdio (a supervisor of a --foreground daemon waits for
-    the end of its output, not for the copy) and none of the daemon's other files."""
+    the end of its output, not for the copy) and none of the daemon's other files. Returns
+    ``fds`` renumbered above stdio (a daemon started with stdin closed opened the source
+    as fd 0)."""
+    kept = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) if fd < 3 else fd for fd in fds]
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     lo = 3
-    for fd in sorted(fds):
+    for fd in sorted(kept):
         os.closerange(lo, fd)
         lo = fd + 1
     os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+    return kept
 
 
 def _create(path: str, st: os.stat_result) -> int:
-    """The new target, sparse, of the source's size and permissions, locked."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                 st.st_mode & 0o666 or 0o600)
+    """The new target, sparse, of the source's size and permissions, locked; unnamed in
+    the target's directory until ``HeadStart.link`` (O_TMPFILE: where a file system has
+    none, there is no head start)."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)),
+                 os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, st.st_mode & 0o666 or 0o600)
     try:
         os.ftruncate(fd, st.st_size)  # reads as zeros, allocates nothing
         lock_image(fd, path)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
         raise
     return fd
 
@@ -229,6 +246,8 @@ def copy_extents(src: int, tgt: int, size: int, g: int, report: int, stop: int) 
             if data >= size:
                 break
             hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
+            if hole <= data:  # not a file that SEEK_HOLE knows: never spin on it
+                return 2
             while data < hole:
                 if stopped.poll(0):  # the daemon closed it, or died
                     return 1

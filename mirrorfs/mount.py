@@ -251,6 +251,10 @@ async def _prepare(opts: MountOptions, nursery: trio.Nursery,
             target = await _open_nbd(nbd, opts, source.size, nursery)
         elif head_start is not None:  # created and locked already: see headstart.py
             target = FileImage(tgt, tfd)
+            try:
+                head_start.link()  # every check passed: the target gets its name
+            except OSError as e:
+                raise MountError(f"cannot create target {tgt}: {e.strerror}") from None
             created = True
         elif tst is not None:
             ftarget = _open_image(tgt, "target")

@@ -3,10 +3,11 @@ process while the mount starts; guest writes, a crash and a remount must lose no
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from conftest import MiB, MirrorFactory, Mount, alive, assert_same, run_mirrorfs
+from conftest import MIRRORFS, ROOT, MiB, MirrorFactory, Mount, alive, assert_same, run_mirrorfs
 
 SIZE = 1536 * MiB
 
@@ -87,3 +88,37 @@ def test_the_helper_ends_with_a_killed_daemon(tmp_path: Path,
     r.wait("completed")
     r.umount()
     assert_same(src, m.tgt)
+
+
+def test_a_foreground_daemon_started_with_stdin_closed(tmp_path: Path) -> None:
+    """Under a supervisor that closed stdin the source is opened as fd 0; the helper,
+    which points its stdio at /dev/null, must not copy from /dev/null (a review found it
+    spinning there, and the first guest write waiting for it for ever)."""
+    src = big_image(tmp_path / "disk.img")
+    tgt, mnt = tmp_path / "disk.target.img", tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = " ".join([*MIRRORFS, "mount", "--foreground", str(src), str(tgt), str(mnt)])
+    daemon = subprocess.Popen(["bash", "-c", f"exec {cmd} <&- >/dev/null 2>&1"], cwd=ROOT)
+    m = Mount(src, tgt, mnt, src.name)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mnt / ".mirror" / "ctl").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "no mount"
+            time.sleep(0.01)
+        data = os.urandom(65536)
+        fd = os.open(m.img, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, SIZE // 2)
+        finally:
+            os.close(fd)
+        m.wait("ready", timeout=120)
+        m.command("complete")
+        m.wait("completed")
+        m.umount()
+        daemon.wait(30)
+    finally:
+        if daemon.poll() is None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            daemon.kill()
+            daemon.wait()
+    assert_same(src, tgt)
