@@ -32,7 +32,6 @@ import signal
 import stat
 import struct
 
-from mirrorfs.images import link_fd
 from mirrorfs.locks import ImageLocked, lock_image, unlock_image
 
 STEP = 4 << 20  # bytes between two looks at the stop pipe (~1 ms of copying)
@@ -60,6 +59,8 @@ class HeadStart:
         """Give the target its name, once the mount has passed every check: until then it
         is an unnamed file (O_TMPFILE), so a refused mount changes nothing, not even the
         directory's mtime. Raises FileExistsError if the name was taken meanwhile."""
+        from mirrorfs.images import link_fd  # ctypes: not before the helper has forked
+
         link_fd(self.target_fd, self.target_path)
         self.linked = True
 
