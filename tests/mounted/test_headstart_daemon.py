@@ -5,11 +5,21 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import MIRRORFS, ROOT, MiB, MirrorFactory, Mount, alive, assert_same, run_mirrorfs
 
 SIZE = 1536 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _drop_images(tmp_path: Path) -> Iterator[None]:
+    """3 GiB per test: not kept for pytest's last three runs on a small disk."""
+    yield
+    for p in tmp_path.glob("*.img"):
+        p.unlink(missing_ok=True)
 
 
 def big_image(path: Path) -> Path:
