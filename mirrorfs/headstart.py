@@ -31,24 +31,26 @@ import select
 import signal
 import stat
 import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from mirrorfs.locks import ImageLocked, lock_image, unlock_image
 
+if TYPE_CHECKING:
+    from mirrorfs.images import FileImage
+
 STEP = 4 << 20  # bytes between two looks at the stop pipe (~1 ms of copying)
 REPORT = struct.Struct("<QQ")  # equal up to this offset, zero bytes skipped so far
-_ZERO = bytes(1 << 20)
 
 
 class HeadStart:
     """The daemon's handle on the helper and the two images it opened for the mount."""
 
-    def __init__(self, source_fd: int, target_fd: int, target_path: str, size: int,
-                 pid: int, report_fd: int, stop_fd: int) -> None:
-        self.source_fd, self.target_fd = source_fd, target_fd
-        self.target_path, self.size = target_path, size
+    def __init__(self, source_fd: int, target_fd: int, target_path: str, pid: int,
+                 report_fd: int, stop_fd: int) -> None:
+        self.source_fd, self.target_fd, self.target_path = source_fd, target_fd, target_path
         self.pid, self.report_fd, self._stop_fd = pid, report_fd, stop_fd
         self.images_taken = False  # prepare() wrapped the fds: they are its to close
-        self.linked = False  # the target has its name (see link)
         self.status: int | None = None  # the helper's exit status once reaped
 
     def take_images(self) -> tuple[int, int]:
@@ -62,7 +64,6 @@ class HeadStart:
         from mirrorfs.images import link_fd  # ctypes: not before the helper has forked
 
         link_fd(self.target_fd, self.target_path)
-        self.linked = True
 
     def stop(self) -> None:
         """Ask the helper to stop after its current step (idempotent)."""
@@ -150,7 +151,7 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
             os._exit(code)
     os.close(report_w)
     os.close(stop_r)
-    return HeadStart(sfd, tfd, target, st.st_size, pid, report_r, stop_w)
+    return HeadStart(sfd, tfd, target, pid, report_r, stop_w)
 
 
 def _open_source(path: str) -> int:
@@ -158,13 +159,13 @@ def _open_source(path: str) -> int:
     (checked before it is opened: opening a device can have side effects); else -1."""
     try:
         st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        if not stat.S_ISREG(st.st_mode):
             return -1
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return -1
     try:
-        now = os.fstat(fd)
+        now = os.fstat(fd)  # the file that was checked, and not empty
         if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and now.st_size:
             lock_image(fd, path)
             return fd
@@ -227,33 +228,42 @@ def _create(path: str, st: os.stat_result) -> int:
 
 
 # ====================================================================== the helper
-def copy_extents(src: int, tgt: int, size: int, g: int, report: int, stop: int) -> int:
+def copy_extents(src_fd: int, tgt_fd: int, size: int, g: int, report: int, stop: int) -> int:
     """Copy the source's data extents to a target that reads as zeros, in order, reporting
     ``[0, P)`` equal after each step. Returns the exit status: 0 once all is copied, 1 when
     stopped, 2 on an error (the mirror then meets it itself)."""
+    from mirrorfs.images import ZERO_BLOCK, FileImage  # ctypes: in the helper, after the fork
+
+    src, tgt = FileImage("source", src_fd), FileImage("target", tgt_fd)
     pos = zeroed = 0
     step = max(STEP, g)  # whole chunks per step, whatever the granularity
     stopped = select.poll()
     stopped.register(stop, select.POLLIN)
-    copier = _Copier(src, tgt)
+    buf = memoryview(bytearray(0))  # for a copy across file systems, made on first use
     try:
         while pos < size:
             try:
-                data = os.lseek(src, pos, os.SEEK_DATA)
+                data = os.lseek(src_fd, pos, os.SEEK_DATA)
             except OSError as e:
                 if e.errno != errno.ENXIO:
                     raise
                 data = size
             if data >= size:
                 break
-            hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
+            hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), size)
             if hole <= data:  # not a file that SEEK_HOLE knows: never spin on it
                 return 2
             while data < hole:
                 if stopped.poll(0):  # the daemon closed it, or died
                     return 1
                 end = min(hole, (data // step + 1) * step)
-                zeroed += _copy_run(copier, data, end, g)
+                copied = 0
+                for lo, hi in _data_runs(src, data, end, g, ZERO_BLOCK):
+                    if not tgt.copy_in(src, lo, hi - lo):  # not in the kernel: a buffer
+                        buf = buf or memoryview(bytearray(STEP))
+                        _copy_through(src, tgt, lo, hi, buf)
+                    copied += hi - lo
+                zeroed += end - data - copied
                 data = end
                 _report(report, data, zeroed)
             pos = hole
@@ -267,74 +277,43 @@ def _report(fd: int, pos: int, zeroed: int) -> None:
     os.write(fd, REPORT.pack(pos, zeroed))  # 16 bytes: a pipe writes them whole
 
 
-def _copy_run(copier: "_Copier", lo: int, hi: int, g: int) -> int:
-    """Copy [lo, hi) of one data extent; all-zero chunks are skipped (the target reads as
-    zeros there already). Returns the bytes skipped."""
-    zeroed = 0
+def _data_runs(src: "FileImage", lo: int, hi: int, g: int, zero: bytes,
+               ) -> Iterator[tuple[int, int]]:
+    """The runs of [lo, hi) (within one data extent) that are not all-zero chunks: those are
+    skipped, the new target reads as zeros there already."""
     run = -1  # start of the pending run of data chunks
     pos = lo
     while pos < hi:
         nxt = min((pos // g + 1) * g, hi)
-        if not _all_zero(copier.src, pos, nxt):
+        if not _all_zero(src, pos, nxt, zero):
             if run < 0:
                 run = pos
-        else:
-            if run >= 0:
-                copier.copy(run, pos)
-                run = -1
-            zeroed += nxt - pos
+        elif run >= 0:
+            yield run, pos
+            run = -1
         pos = nxt
     if run >= 0:
-        copier.copy(run, hi)
-    return zeroed
+        yield run, hi
 
 
-def _all_zero(fd: int, lo: int, hi: int) -> bool:
+def _all_zero(src: "FileImage", lo: int, hi: int, zero: bytes) -> bool:
     # Most data chunks are told by their first bytes. (A read-only mapping instead of a
     # pread per chunk was slower: each first touch of a page is a fault, and on this VM a
     # fault costs more than a syscall.)
-    if os.pread(fd, 16, lo).strip(b"\0"):
+    if src.pread(16, lo).strip(b"\0"):
         return False
     while lo < hi:
-        n = min(len(_ZERO), hi - lo)
-        if os.pread(fd, n, lo) != _ZERO[:n]:
+        n = min(len(zero), hi - lo)
+        if src.pread(n, lo) != zero[:n]:
             return False
         lo += n
     return True
 
 
-class _Copier:
-    """copy_file_range while the kernel can (same file system); else through a buffer
-    (a target on another file system is the common case of a migration)."""
-
-    def __init__(self, src: int, tgt: int) -> None:
-        self.src, self.tgt = src, tgt
-        self._kernel = True
-        self._buf = memoryview(bytearray(0))
-
-    def copy(self, lo: int, hi: int) -> None:
-        while lo < hi:
-            if self._kernel:
-                try:
-                    n = os.copy_file_range(self.src, self.tgt, hi - lo, lo, lo)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
-                                       errno.EOPNOTSUPP):
-                        raise
-                    self._kernel = False
-                    continue
-            else:
-                n = self._through_buffer(lo, hi)
-            if n <= 0:
-                raise OSError(errno.EIO, "the source ended early")
-            lo += n
-
-    def _through_buffer(self, lo: int, hi: int) -> int:
-        if not self._buf:
-            self._buf = memoryview(bytearray(STEP))
-        view = self._buf[:min(len(self._buf), hi - lo)]
-        n = os.preadv(self.src, [view], lo)
-        done = 0
-        while done < n:
-            done += os.pwrite(self.tgt, view[done:n], lo + done)
-        return n
+def _copy_through(src: "FileImage", tgt: "FileImage", lo: int, hi: int,
+                  buf: memoryview) -> None:
+    while lo < hi:
+        view = buf[:min(len(buf), hi - lo)]
+        src.pread_into(view, lo)
+        tgt.pwrite(view, lo)
+        lo += len(view)

@@ -248,9 +248,6 @@ class Mirror:
         self._head_start = head_start
         self._head_done = trio.Event()
         self._head_chunks = 0  # chunks below this one are equal, by its reports
-        self._head_zeroed = 0
-        self._head_copied = 0
-        self._head_epoch = self._target_epoch
         if head_start is None:
             self._head_done.set()
         self._mark_initial(resume, resume_info or {})
@@ -321,7 +318,7 @@ class Mirror:
     async def _change(self, offset: int, length: int, change: Change) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
         self.guest_ops += 1
-        if not self._head_done.is_set():  # its reports must all describe the disk before
+        if self._head_start is not None:  # its reports must all describe the disk before
             await self._stop_head_start()
         persist = self.persist
         while True:
@@ -704,16 +701,18 @@ class Mirror:
             self._wakeup.set()
         how = "copied everything" if hs.status == 0 else (
             "was stopped" if hs.status == 1 else f"stopped (exit status {hs.status})")
+        # nothing else copies while the helper does: the counts are its own
         log.info("head start %s: %d bytes copied (%d of them zeros, skipped), %.3f s after "
-                 "the mirror started", how, self._head_copied, self._head_zeroed,
+                 "the mirror started", how, self.copied_bytes, self.zeroed_bytes,
                  self._now() - t0)
 
     def _head_progress(self, pos: int, zeroed: int) -> None:
         """The helper made [0, pos) equal: the chunks wholly inside are clean, and written
         but not flushed (invariant 7), as after a copy batch. Once the target may have lost
         writes (a failed flush), a report may describe some of them, as a batch then in
-        flight would (``_settle``): the helper is stopped, its later reports ignored."""
-        if self._check_epoch() != self._head_epoch:
+        flight would (``_settle``): the helper is stopped, its later reports ignored. (The
+        job's epoch is 0 until such a loss.)"""
+        if self._check_epoch():
             if self._head_start is not None:
                 self._head_start.stop()
             return
@@ -727,11 +726,9 @@ class Mirror:
             self._note_written(start, end - start)
             done = before - bm.dirty_bytes
             self.copied_bytes += done
-            self._head_copied += done
             self.meter.add(done, self._now())
             self._head_chunks = b
-        self.zeroed_bytes += zeroed - self._head_zeroed
-        self._head_zeroed = zeroed
+        self.zeroed_bytes = zeroed  # its running total: nothing else copies meanwhile
 
     async def _stop_head_start(self) -> None:
         if self._head_start is not None:

@@ -93,8 +93,6 @@ class Prepared:
     head_start: HeadStart | None = None
 
     async def aclose(self) -> None:
-        if self.head_start is not None:
-            self.head_start.kill()  # before the target is closed (or removed)
         self.source.close()
         await _close_target(self.target)
         if self.statefile is not None:
@@ -215,17 +213,7 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
                   head_start: HeadStart | None = None) -> Prepared:
     """Everything short of mounting. On error nothing is left changed. An NBD target's
     reader task runs in ``nursery``. With a head start the images are open already (the
-    target created) and a helper copies; an error here ends it and removes the target."""
-    try:
-        return await _prepare(opts, nursery, head_start)
-    except BaseException:
-        if head_start is not None:
-            head_start.abort()
-        raise
-
-
-async def _prepare(opts: MountOptions, nursery: trio.Nursery,
-                   head_start: HeadStart | None) -> Prepared:
+    target unnamed until every check has passed); whoever started it ends it (cli.py)."""
     notes: list[str] = []
     src, _sst, tgt, tst = check_images(opts)
     mnt = check_mountpoint(opts.mountpoint, notes)
@@ -235,12 +223,12 @@ async def _prepare(opts: MountOptions, nursery: trio.Nursery,
     name = opts.name or os.path.basename(src)
     if not name or "/" in name or name in (".", "..", ".mirror"):
         raise MountError(f"invalid image name {name!r}")
-    if head_start is not None:
+    target: Target | None = None
+    if head_start is not None:  # both open, locked, the target unnamed: see headstart.py
         sfd, tfd = head_start.take_images()
-        source = FileImage(src, sfd)
+        source, target = FileImage(src, sfd), FileImage(tgt, tfd)
     else:
         source = _open_image(src, "source")
-    target: Target | None = None
     created = False
     nbd = _nbd_address(opts)
     try:
@@ -249,8 +237,7 @@ async def _prepare(opts: MountOptions, nursery: trio.Nursery,
             raise MountError(f"source {src} is empty")
         if nbd is not None:
             target = await _open_nbd(nbd, opts, source.size, nursery)
-        elif head_start is not None:  # created and locked already: see headstart.py
-            target = FileImage(tgt, tfd)
+        elif head_start is not None:
             try:
                 head_start.link()  # every check passed: the target gets its name
             except OSError as e:
@@ -266,12 +253,11 @@ async def _prepare(opts: MountOptions, nursery: trio.Nursery,
             target = ftarget
             created = True
             _lock(ftarget, "target")
+        assert target is not None  # every branch above opened one
         prep = Prepared(source, target, created, mnt, name, notes, fresh=created,
                         granularity=opts.granularity, head_start=head_start)
         _prepare_state(prep, opts)
     except BaseException:
-        if head_start is not None:
-            head_start.kill()  # before the target goes
         source.close()
         if target is not None:
             await _close_target(target)

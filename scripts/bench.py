@@ -720,9 +720,6 @@ def section_wb(cfg: argparse.Namespace, reaper: Reaper, base: str,
         mount_mirrorfs(reaper, ns_src, ns_tgt, mnt_ns, "--no-state")
         bg, wb, ns = CtlPoller(mnt_bg), CtlPoller(mnt_wb), CtlPoller(mnt_ns)
         try:
-            bg.wait(("ready",), 300, quiet=True)
-            wb.wait(("ready",), 300, quiet=True)
-            ns.wait(("ready",), 300, quiet=True)
             def settle() -> None:
                 settle_all(bg, wb, ns)
 

@@ -52,6 +52,25 @@ def run_helper(src: Path, tgt: Path, g: int, stopped: bool = False
             os.close(fd)
 
 
+def mirror_over_head_start(src: Path, tgt: Path, target_type: type[FileImage] = FileImage,
+                           ) -> tuple[headstart.HeadStart, FileImage, FileImage, Mirror]:
+    """A head start from src to a new tgt, and a mirror taking it over as the daemon's does
+    (prepare() takes the images and names the target once every check has passed)."""
+    hs = headstart.start(str(src), str(tgt), "full", 0, G)
+    assert hs is not None
+    sfd, tfd = hs.take_images()
+    hs.link()
+    source, target = FileImage(str(src), sfd), target_type(str(tgt), tfd)
+    m = Mirror(source, target, MirrorConfig(granularity=G, target_fresh=True), head_start=hs)
+    return hs, source, target, m
+
+
+async def wait_state(m: Mirror, state: State) -> None:
+    with trio.fail_after(60):
+        while m.job.state is not state:
+            await trio.sleep(0.01)
+
+
 def test_the_helper_copies_the_data_and_skips_zeros(tmp_path: Path) -> None:
     size = 64 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
@@ -116,12 +135,7 @@ async def test_guest_writes_during_the_head_start_are_not_lost(tmp_path: Path) -
     with open(src, "wb") as f:
         for _ in range(size // (4 * MiB)):
             f.write(os.urandom(4 * MiB))
-    hs = headstart.start(str(src), str(tgt), "full", 0, G)
-    assert hs is not None
-    sfd, tfd = hs.take_images()
-    hs.link()  # as prepare() does once every check has passed
-    source, target = FileImage(str(src), sfd), FileImage(str(tgt), tfd)
-    m = Mirror(source, target, MirrorConfig(granularity=G, target_fresh=True), head_start=hs)
+    hs, source, target, m = mirror_over_head_start(src, tgt)
     try:
         async with trio.open_nursery() as n:
             n.start_soon(m.run)
@@ -143,13 +157,9 @@ async def test_guest_writes_during_the_head_start_are_not_lost(tmp_path: Path) -
             for off, data in writes:
                 await m.write(off, data)
             assert hs.status == 1, "the helper did not stop at the first write"
-            with trio.fail_after(60):
-                while m.job.state is not State.READY:
-                    await trio.sleep(0.01)
+            await wait_state(m, State.READY)
             m.complete()
-            with trio.fail_after(60):
-                while m.job.state is not State.COMPLETED:
-                    await trio.sleep(0.01)
+            await wait_state(m, State.COMPLETED)
     finally:
         hs.kill()
         source.close()
@@ -198,12 +208,7 @@ async def test_reports_after_a_failed_target_flush_are_not_trusted(tmp_path: Pat
     size = 64 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
     src.write_bytes(os.urandom(size))
-    hs = headstart.start(str(src), str(tgt), "full", 0, G)
-    assert hs is not None
-    sfd, tfd = hs.take_images()
-    hs.link()  # as prepare() does once every check has passed
-    source, target = FileImage(str(src), sfd), LosingTarget(str(tgt), tfd)
-    m = Mirror(source, target, MirrorConfig(granularity=G, target_fresh=True), head_start=hs)
+    hs, source, target, m = mirror_over_head_start(src, tgt, LosingTarget)
     try:
         with trio.fail_after(30):
             while allocated(tgt) < 8 * MiB:  # some steps copied and reported, none applied
@@ -213,14 +218,10 @@ async def test_reports_after_a_failed_target_flush_are_not_trusted(tmp_path: Pat
             await m._flush_target()
         async with trio.open_nursery() as n:
             n.start_soon(m.run)
-            with trio.fail_after(60):
-                while m.job.state is not State.READY:
-                    await trio.sleep(0.01)
+            await wait_state(m, State.READY)
             assert m.copied_bytes == size  # all of it by the mirror, none by the reports
             m.complete()
-            with trio.fail_after(60):
-                while m.job.state is not State.COMPLETED:
-                    await trio.sleep(0.01)
+            await wait_state(m, State.COMPLETED)
     finally:
         hs.kill()
         source.close()
@@ -241,3 +242,24 @@ def test_no_head_start_where_the_target_would_not_fit(tmp_path: Path) -> None:
         assert not (small / "t.img").exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_the_helper_copies_across_file_systems(tmp_path: Path) -> None:
+    """copy_file_range cannot go from this file system to tmpfs: the helper copies through
+    a buffer instead, and still skips the zero chunks."""
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(3 * MiB)
+        f.write(os.urandom(6 * MiB) + bytes(2 * G) + os.urandom(G))
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(other)], check=True)
+    try:
+        tgt = other / "tgt.img"
+        code, got = run_helper(src, tgt, G)
+        assert code == 0 and got[-1] == (32 * MiB, 2 * G)
+        assert src.read_bytes() == tgt.read_bytes()
+        assert allocated(tgt) <= 6 * MiB + G
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
