@@ -18,16 +18,20 @@ from collections.abc import Callable, Iterator
 DAEMON_START_TIMEOUT_S = 60
 
 
-def spawn_daemon(run: Callable[[int], int]) -> int:
+def spawn_daemon(run: Callable[[int], int], keep: tuple[int, ...] = (),
+                 in_parent: Callable[[], None] | None = None) -> int:
     """Fork ``run(notify_fd)`` off as a daemon and wait for its word. In the child this
-    returns ``run``'s exit status, in the parent the command's."""
+    returns ``run``'s exit status, in the parent the command's. The daemon keeps the files
+    ``keep`` too (and no others); the parent calls ``in_parent`` right after the fork."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _detach(wfd)
+        _detach((wfd, *keep))
         return run(wfd)
     os.close(wfd)
+    if in_parent is not None:
+        in_parent()
     ok = False
     error = None
     with _reader(rfd) as lines:
@@ -57,16 +61,21 @@ def spawn_daemon(run: Callable[[int], int]) -> int:
     return 1
 
 
-def _detach(keep_fd: int) -> None:
+def _detach(keep: tuple[int, ...]) -> None:
     """The child: its own session, /dev/null for stdio, and none of the caller's other
-    files (a caller that waits for the end of a pipe it gave us must not wait for the
-    daemon)."""
+    files but ``keep`` (a caller that waits for the end of a pipe it gave us must not wait
+    for the daemon). The kept files are all above stdio: the command opened them after
+    Python had its stdio, or on a closed one of them (then /dev/null takes its place
+    here, and the daemon's own later checks fail cleanly)."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    lo = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
 
 
 def _reap(pid: int, timeout_s: float) -> None:

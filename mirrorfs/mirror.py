@@ -699,8 +699,9 @@ class Mirror:
             self._head_start = None
             self._head_done.set()
             self._wakeup.set()
-        how = "copied everything" if hs.status == 0 else (
-            "was stopped" if hs.status == 1 else f"stopped (exit status {hs.status})")
+        # (its exit status is unknown where the command forked it: the reports tell)
+        how = ("copied everything" if self._head_chunks >= self.bitmap.nchunks
+               else f"stopped at chunk {self._head_chunks}")
         # nothing else copies while the helper does: the counts are its own
         log.info("head start %s: %d bytes copied (%d of them zeros, skipped), %.3f s after "
                  "the mirror started", how, self.copied_bytes, self.zeroed_bytes,

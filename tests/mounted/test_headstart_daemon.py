@@ -1,6 +1,7 @@
 """The head start through the real daemon: a new target is being copied by the helper
 process while the mount starts; guest writes, a crash and a remount must lose nothing."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,17 +33,21 @@ def big_image(path: Path) -> Path:
     return path
 
 
-def children(pid: int) -> list[int]:
+def helpers_of(daemon: int, target: Path) -> list[int]:
+    """The processes other than the daemon that have the target open: the helper (forked
+    by the command before the daemon, so not the daemon's child)."""
+    st = os.stat(target)
+    want = (st.st_dev, st.st_ino)  # its fd's link names the O_TMPFILE it was created as
     out = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
+        if entry.isdigit() and int(entry) != daemon:
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    with contextlib.suppress(OSError):
+                        fst = os.stat(f"/proc/{entry}/fd/{fd}")
+                        if (fst.st_dev, fst.st_ino) == want:
+                            out.append(int(entry))
+                            break
     return out
 
 
@@ -83,8 +88,11 @@ def test_the_helper_ends_with_a_killed_daemon(tmp_path: Path,
     src = big_image(tmp_path / "disk.img")
     m = mirrorfs.mount(src)
     assert m.pid
-    helpers = children(m.pid)
+    helpers = helpers_of(m.pid, m.tgt)
     assert helpers, "the helper had finished before the test could see it"
+    for h in helpers:  # the command began the copy before it forked the daemon
+        with open(f"/proc/{h}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) != m.pid
     os.kill(m.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while any(alive(p) for p in [m.pid, *helpers]) and time.monotonic() < deadline:

@@ -346,3 +346,56 @@ def test_preallocation_on_ext4_only(tmp_path: Path) -> None:
         assert allocated(other / "t.img") == 0
     finally:
         subprocess.run(["umount", str(other)], check=True)
+
+
+def test_the_early_start_reads_the_usual_forms_only(tmp_path: Path) -> None:
+    """``mirrorfs mount``'s head start begins before argparse: it reads the arguments as
+    argparse will, or gives up and leaves them to it."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    s, t, mnt = str(src), str(tmp_path / "t.img"), str(tmp_path / "mnt")
+    read = [
+        ([s, t, mnt], (s, t, "full", 0, G)),
+        (["--log", "/x.log", s, "--foreground", t, mnt, "--sync", "top"], (s, t, "top", 0, G)),
+        ([s, t, mnt, "--granularity=1M", "--name", "disk"], (s, t, "full", 0, MiB)),
+    ]
+    for argv, args in read:
+        hs = headstart.early(argv)
+        assert hs is not None, argv
+        try:
+            assert hs.args == args
+            assert hs.matches(args[0], args[1], args[2], args[3], args[4])
+            assert not hs.matches(args[0], args[1], args[2], args[3], 2 * args[4])
+        finally:
+            hs.abort()
+    left = [
+        [s, t],  # too few words
+        [s, t, mnt, "extra"],
+        [s, t, mnt, "--gran", "1M"],  # argparse's abbreviation: not guessed
+        [s, t, mnt, "--sync"],  # a value missing
+        [s, t, mnt, "--name", "-x"],  # a value that argparse may read as an option
+        ["--", s, t, mnt],
+        [s, t, mnt, "-h"],
+        [s, t, mnt, "--speed", "1M"],  # a speed limit: the job's own pace
+        [s, t, mnt, "--granularity", "huge"],
+    ]
+    for argv in left:
+        assert headstart.early(argv) is None, argv
+    assert os.listdir(tmp_path) == ["src.img"]
+
+
+def test_the_early_start_knows_every_mount_option() -> None:
+    """Its lists of options are args.py's: one added there and not here would make the
+    early start give up on every mount that uses it."""
+    from mirrorfs.args import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    mount = sub.choices["mount"]  # type: ignore[index]
+    valued, flags = set(), set()
+    for action in mount._actions:
+        for opt in action.option_strings:
+            if opt in ("-h", "--help"):
+                continue
+            (flags if action.nargs == 0 else valued).add(opt)
+    assert valued == headstart.MOUNT_VALUED
+    assert flags == headstart.MOUNT_FLAGS
