@@ -639,12 +639,15 @@ def copier_case(reaper: Reaper, base: str, label: str, src: str, sparse: bool,
         drop(tgt)
 
     order = [cp_plain, cp_fsync, mirror]
-    warm = allocated(src) * 3 // 2 + GiB // 4
     for i in range(reps):
         log(f"copier: {label}: rep {i + 1}/{reps}")
         for fn in order[i % 3:] + order[:i % 3]:  # rotated: no contender always goes first
+            # No prefault here (unlike fio's runs): on this machine, touching and freeing
+            # 1.75 GiB right before a copy made every copy slow (cp of 1 GiB 1.1-1.6 s in 8
+            # of 8 runs, against 0.25-0.29 s in 6 of 8 without), as if the freed memory
+            # went back to the host at once. Without it, a run is fast or slow by where
+            # its pages come from: hence the medians and the best runs, side by side.
             settle()
-            prefault(warm)
             fn()
     med = statistics.median
     m = runs["mirrorfs"]
