@@ -34,7 +34,8 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from mirrorfs.locks import ImageLocked, lock_image, unlock_image
+from mirrorfs.locks import ImageLocked, lock_image
+from mirrorfs.system import above_stdio
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing before the copy
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class HeadStart:
         directory's mtime. Raises FileExistsError if the name was taken meanwhile."""
         from mirrorfs.images import link_fd  # ctypes: not before the helper has forked
 
-        link_fd(self.target_fd, self.target_path)
+        link_fd(self.target_fd, os.path.abspath(self.target_path))
 
     def stop(self) -> None:
         """Ask the helper to stop after its current step (idempotent)."""
@@ -102,13 +103,28 @@ class HeadStart:
         """Wait for the helper to exit (after the end of its reports: at once)."""
         if self.status is not None:
             return
-        try:
-            self.status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        try:  # by its pidfd: right even if its pid were used again
+            res = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+            assert res is not None
+            self.status = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
         except ChildProcessError:  # a sibling, or SIGCHLD ignored: its pidfd tells the exit
-            select.select([self._pidfd], [], [])
+            exited = select.poll()
+            exited.register(self._pidfd, select.POLLIN)
+            exited.poll()
             self.status = -1
         os.close(self._pidfd)
         self._pidfd = -1
+
+    def terminate(self) -> None:
+        """SIGKILL the helper without waiting (its reports then end): for a helper that
+        did not stop when asked."""
+        import signal
+
+        if self.status is None and self._pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         """End the helper now, whatever it was doing (idempotent); then nothing writes the
@@ -222,8 +238,8 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
 
     pipes: list[int] = []
     try:
-        pipes += map(_above_stdio, os.pipe())
-        pipes += map(_above_stdio, os.pipe())
+        pipes += map(above_stdio, os.pipe())
+        pipes += map(above_stdio, os.pipe())
         pid = os.fork()
     except OSError:  # no fds or processes left: the ordinary path needs none
         for fd in pipes:
@@ -234,6 +250,7 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
     if pid == 0:  # the helper
         code = 2
         try:
+            os.setsid()  # not stopped by the terminal's ^Z or ^C meant for the command
             os.close(report_r)
             os.close(stop_w)
             sfd, tfd, report_w, stop_r = _keep_only(sfd, tfd, report_w, stop_r)
@@ -242,19 +259,17 @@ def start(source: str, target: str, sync: str, speed: int, granularity: int,
             os._exit(code)
     os.close(report_w)
     os.close(stop_r)
-    pidfd = _above_stdio(os.pidfd_open(pid))  # before it can exit: it is not reaped yet
+    try:
+        pidfd = above_stdio(os.pidfd_open(pid))  # before it can exit: it is not reaped yet
+    except OSError:  # no pidfds (a kernel before 5.3, a seccomp filter): no head start
+        os.kill(pid, 9)  # SIGKILL (the signal module imports enum: not before the copy)
+        os.waitpid(pid, 0)
+        for fd in (report_r, stop_w):
+            os.close(fd)
+        _undo(sfd, tfd)
+        return None
     return HeadStart((source, target, str(sync), speed, granularity), sfd, tfd, pid, pidfd,
                      report_r, stop_w)
-
-
-def _above_stdio(fd: int) -> int:
-    """``fd`` moved above stdio if it took a closed stdio's place; close-on-exec."""
-    if fd >= 3:
-        return fd
-    try:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    finally:
-        os.close(fd)
 
 
 def _open_source(path: str) -> int:
@@ -264,7 +279,7 @@ def _open_source(path: str) -> int:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             return -1
-        fd = _above_stdio(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        fd = above_stdio(os.open(path, os.O_RDWR | os.O_CLOEXEC))
     except OSError:
         return -1
     try:
@@ -291,12 +306,10 @@ def _room_for(target: str, st: os.stat_result, granularity: int) -> bool:
 
 
 def _undo(sfd: int, tfd: int = -1) -> None:
+    """Close the images. No unlocking: the locks belong to the open files and go with the
+    last descriptor, and a daemon forked meanwhile may share them (and need its locks)."""
     for fd in (sfd, tfd):
         if fd >= 0:
-            try:
-                unlock_image(fd)
-            except OSError:  # closing it releases the locks all the same
-                pass
             os.close(fd)
 
 
@@ -321,7 +334,7 @@ def _create(path: str, st: os.stat_result) -> int:
     """The new target, sparse, of the source's size and permissions, locked; unnamed in
     the target's directory until ``HeadStart.link`` (O_TMPFILE: where a file system has
     none, there is no head start)."""
-    fd = _above_stdio(os.open(os.path.dirname(os.path.abspath(path)),
+    fd = above_stdio(os.open(os.path.dirname(os.path.abspath(path)),
                               os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
                               st.st_mode & 0o666 or 0o600))
     try:
@@ -395,8 +408,8 @@ class _Plans:
             for plan in _plan_steps(src, size, step, g, zero):
                 self._put(plan)
             self._put(None)
-        except OSError as e:
-            self._put(e)
+        except BaseException as e:  # whatever it is (MemoryError too): the copier ends
+            self._put(e if isinstance(e, OSError) else OSError(errno.EIO, repr(e)))
 
     def _put(self, item: "Plan | OSError | None") -> None:
         self._room.acquire()

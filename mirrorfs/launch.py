@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from mirrorfs.system import above_stdio
+
 DAEMON_START_TIMEOUT_S = 60
 
 
@@ -23,7 +25,7 @@ def spawn_daemon(run: Callable[[int], int], keep: tuple[int, ...] = (),
     """Fork ``run(notify_fd)`` off as a daemon and wait for its word. In the child this
     returns ``run``'s exit status, in the parent the command's. The daemon keeps the files
     ``keep`` too (and no others); the parent calls ``in_parent`` right after the fork."""
-    rfd, wfd = os.pipe()
+    rfd, wfd = map(above_stdio, os.pipe())  # _detach puts /dev/null on stdio
     pid = os.fork()
     if pid == 0:
         os.close(rfd)

@@ -59,6 +59,7 @@ RunSync = Callable[..., Awaitable[Any]]
 _T = TypeVar("_T")
 Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD export (async)
 Segment = tuple[int, int, memoryview | None]  # offset, length, data (None: make it zeros)
+HEAD_START_STOP_GRACE_S = 10.0  # see Mirror._head_start_watchdog
 
 
 @dataclasses.dataclass(slots=True)
@@ -247,6 +248,7 @@ class Mirror:
         # any guest write and anything but the plain bulk copy.
         self._head_start = head_start
         self._head_done = trio.Event()
+        self._head_stop_asked = trio.Event()
         self._head_chunks = 0  # chunks below this one are equal, by its reports
         if head_start is None:
             self._head_done.set()
@@ -686,13 +688,15 @@ class Mirror:
         hs.report_fd = -1
         pending = b""
         try:
-            async with stream:
+            async with stream, trio.open_nursery() as watch:
+                watch.start_soon(self._head_start_watchdog, hs)
                 while chunk := await stream.receive_some(1 << 16):
                     pending += chunk
                     whole = len(pending) - len(pending) % REPORT.size
                     for pos, zeroed in REPORT.iter_unpack(pending[:whole]):
                         self._head_progress(pos, zeroed)
                     pending = pending[whole:]
+                watch.cancel_scope.cancel()
             await self._run_sync(hs.reap)
         finally:
             hs.kill()  # nothing but the mirror may write the target from here on
@@ -707,6 +711,22 @@ class Mirror:
                  "the mirror started", how, self.copied_bytes, self.zeroed_bytes,
                  self._now() - t0)
 
+    async def _head_start_watchdog(self, hs: HeadStart) -> None:
+        """A helper asked to stop ends its step within milliseconds. One that has not after
+        HEAD_START_STOP_GRACE_S (frozen, say, by a SIGSTOP) is killed: the guest's writes
+        wait for it, and whatever it did not report, the mirror copies itself."""
+        await self._head_stop_asked.wait()
+        await trio.sleep(HEAD_START_STOP_GRACE_S)
+        log.warning("the head start's helper did not stop within %.0f s: killing it",
+                    HEAD_START_STOP_GRACE_S)
+        hs.terminate()
+
+    def _stop_head_start_soon(self) -> None:
+        """Ask the helper to stop after its current step (see _head_start_watchdog)."""
+        if self._head_start is not None:
+            self._head_start.stop()
+            self._head_stop_asked.set()
+
     def _head_progress(self, pos: int, zeroed: int) -> None:
         """The helper made [0, pos) equal: the chunks wholly inside are clean, and written
         but not flushed (invariant 7), as after a copy batch. Once the target may have lost
@@ -714,8 +734,7 @@ class Mirror:
         flight would (``_settle``): the helper is stopped, its later reports ignored. (The
         job's epoch is 0 until such a loss.)"""
         if self._check_epoch():
-            if self._head_start is not None:
-                self._head_start.stop()
+            self._stop_head_start_soon()
             return
         bm = self.bitmap
         b = bm.nchunks if pos >= self.size else pos >> bm.shift
@@ -732,8 +751,7 @@ class Mirror:
         self.zeroed_bytes = zeroed  # its running total: nothing else copies meanwhile
 
     async def _stop_head_start(self) -> None:
-        if self._head_start is not None:
-            self._head_start.stop()
+        self._stop_head_start_soon()
         await self._head_done.wait()
 
     # ------------------------------------------------------------------ the state file
@@ -824,7 +842,7 @@ class Mirror:
         state = self.job.state
         if self._head_start is not None:
             if state is not State.COPYING or self.bucket.rate:
-                self._head_start.stop()  # a verb or a speed limit: the job's own rules
+                self._stop_head_start_soon()  # a verb or a speed limit: the job's own rules
             await self._wakeup.wait()
             return
         now = self._now()

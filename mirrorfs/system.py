@@ -1,8 +1,21 @@
-"""Facts about processes and mounts, read from /proc. A light module (no trio, no pyfuse3):
-the CLI, the daemon and the tests share it (the benchmark keeps standard-library copies, to
-measure trees that lack it)."""
+"""Facts about processes and mounts, read from /proc, and the placing of a file descriptor.
+A light module (no trio, no pyfuse3): the CLI, the daemon and the tests share it (the
+benchmark keeps standard-library copies, to measure trees that lack it)."""
 
+import fcntl
 import os
+
+
+def above_stdio(fd: int) -> int:
+    """``fd``, moved above stdio if it took a closed stdio's place (close-on-exec). A
+    command started with stdin closed opens its first file as fd 0, where a daemon (or a
+    helper) puts /dev/null."""
+    if fd >= 3:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def alive(pid: int) -> bool:

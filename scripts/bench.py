@@ -1113,7 +1113,7 @@ def parse_args() -> argparse.Namespace:
         a.sparse_size, a.sparse_data = 64 * GiB, 512 * MiB
         a.runtime = a.runtime or 5
         a.ramp = 1
-        a.reps = a.reps or 5
+        a.reps = a.reps or 7  # the copier's runs here are fast or slow by luck: more of them
     a.sections = [x.strip() for x in a.only.split(",") if x.strip()]
     pats = [x.strip() for x in a.cases.split(",") if x.strip()]
     a.fio_cases = [c for c in FIO_CASES if not pats or any(p in c[0] for p in pats)]

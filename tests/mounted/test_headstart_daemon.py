@@ -140,3 +140,28 @@ def test_a_foreground_daemon_started_with_stdin_closed(tmp_path: Path) -> None:
             daemon.kill()
             daemon.wait()
     assert_same(src, tgt)
+
+
+def test_a_background_mount_started_with_stdin_and_stdout_closed(tmp_path: Path) -> None:
+    """The command opens the images (early head start) and the daemon's notification pipe
+    where stdio would be: each must be moved above it, since the daemon puts /dev/null
+    on stdio (a review found the pipe would become /dev/null, and the mount fail)."""
+    src = big_image(tmp_path / "disk.img")
+    tgt, mnt = tmp_path / "disk.target.img", tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = " ".join([*MIRRORFS, "mount", str(src), str(tgt), str(mnt)])
+    r = subprocess.run(["bash", "-c", f"exec {cmd} <&- >&-"], cwd=ROOT, capture_output=False,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    m = Mount(src, tgt, mnt, src.name)
+    data = os.urandom(65536)
+    fd = os.open(m.img, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, SIZE // 3)
+    finally:
+        os.close(fd)
+    m.wait("ready", timeout=120)
+    m.command("complete")
+    m.wait("completed")
+    m.umount()
+    assert_same(src, tgt)

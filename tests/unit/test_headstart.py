@@ -5,6 +5,7 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -399,3 +400,118 @@ def test_the_early_start_knows_every_mount_option() -> None:
             (flags if action.nargs == 0 else valued).add(opt)
     assert valued == headstart.MOUNT_VALUED
     assert flags == headstart.MOUNT_FLAGS
+
+
+def test_no_pidfd_means_no_head_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel or a seccomp filter without pidfd_open: the ordinary path, nothing left
+    behind (no helper, no target, the source's locks gone with its file)."""
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    src.write_bytes(os.urandom(8 * MiB))
+
+    def refused(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", refused)
+    before = set(os.listdir("/proc"))
+    assert headstart.start(str(src), str(tgt), "full", 0, G) is None
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["src.img"]
+    def parent_of(pid: str) -> int:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return -1
+
+    left = [p for p in set(os.listdir("/proc")) - before
+            if p.isdigit() and parent_of(p) == os.getpid()]
+    assert left == [], "a helper was left"
+    again = headstart.start(str(src), str(tgt), "full", 0, G)
+    assert again is not None
+    again.abort()
+
+
+def test_any_planner_failure_ends_the_helper(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only an OSError: a planner that dies of anything ends the copy (status 2); the
+    copier must never wait for a plan that will not come."""
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    src.write_bytes(os.urandom(16 * MiB))
+
+    def broken(*args: object) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(headstart, "_data_runs", broken)
+    code, got = run_helper(src, tgt, G)
+    assert (code, got) == (2, [])
+
+
+def test_the_helper_has_a_session_of_its_own(tmp_path: Path) -> None:
+    """Forked by the command, it must not be stopped by the terminal's ^Z (or ended by ^C)
+    meant for the command: the daemon would wait for it at the first guest write."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(64 * MiB))
+    hs = headstart.start(str(src), str(tmp_path / "t.img"), "full", 0, G)
+    assert hs is not None
+    try:
+        deadline = time.monotonic() + 5  # it calls setsid right after the fork
+        while os.getsid(hs.pid) != hs.pid and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert os.getsid(hs.pid) == hs.pid != os.getsid(0)
+    except ProcessLookupError:
+        pytest.skip("the helper finished before it could be looked at")
+    finally:
+        hs.abort()
+
+
+def test_a_relative_target_is_named_as_the_ordinary_path_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    Path("src.img").write_bytes(os.urandom(MiB))
+    hs = headstart.start("src.img", "sub/../t.img", "full", 0, G)
+    assert hs is not None
+    try:
+        hs.take_images()
+        hs.link()
+        assert (tmp_path / "t.img").exists()
+    finally:
+        hs.kill()
+        os.close(hs.source_fd)
+        os.close(hs.target_fd)
+
+
+async def test_a_helper_that_does_not_stop_is_killed(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen (SIGSTOP) and never thawed: the guest's write must not wait for ever. After
+    the grace time the mirror kills it and copies what it did not report."""
+    import mirrorfs.mirror
+
+    monkeypatch.setattr(mirrorfs.mirror, "HEAD_START_STOP_GRACE_S", 0.3)
+    size = 256 * MiB
+    src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
+    with open(src, "wb") as f:
+        for _ in range(size // (4 * MiB)):
+            f.write(os.urandom(4 * MiB))
+    hs, source, target, m = mirror_over_head_start(src, tgt)
+    data = os.urandom(4096)
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(m.run)
+            with trio.fail_after(30):
+                while m.copied_bytes == 0:
+                    await trio.lowlevel.checkpoint()
+            os.kill(hs.pid, signal.SIGSTOP)
+            assert m.copied_bytes < size, "the helper was not caught in the middle"
+            with trio.fail_after(20):
+                await m.write(size // 2, data)
+            assert hs.status is not None and hs.status != 0  # killed, not finished
+            await wait_state(m, State.READY)
+            m.complete()
+            await wait_state(m, State.COMPLETED)
+    finally:
+        hs.kill()
+        source.close()
+        target.close()
+    assert src.read_bytes()[size // 2:size // 2 + 4096] == data
+    assert src.read_bytes() == tgt.read_bytes()
