@@ -66,9 +66,8 @@ def spawn_daemon(run: Callable[[int], int], keep: tuple[int, ...] = (),
 def _detach(keep: tuple[int, ...]) -> None:
     """The child: its own session, /dev/null for stdio, and none of the caller's other
     files but ``keep`` (a caller that waits for the end of a pipe it gave us must not wait
-    for the daemon). The kept files are all above stdio: the command opened them after
-    Python had its stdio, or on a closed one of them (then /dev/null takes its place
-    here, and the daemon's own later checks fail cleanly)."""
+    for the daemon). The kept files are above stdio (``system.above_stdio``): a file
+    kept on fd 0-2 would become /dev/null here."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
