@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from mirrorfs.system import above_stdio
+from mirrorfs.system import above_stdio, detach
 
 DAEMON_START_TIMEOUT_S = 60
 
@@ -25,11 +25,11 @@ def spawn_daemon(run: Callable[[int], int], keep: tuple[int, ...] = (),
     """Fork ``run(notify_fd)`` off as a daemon and wait for its word. In the child this
     returns ``run``'s exit status, in the parent the command's. The daemon keeps the files
     ``keep`` too (and no others); the parent calls ``in_parent`` right after the fork."""
-    rfd, wfd = map(above_stdio, os.pipe())  # _detach puts /dev/null on stdio
+    rfd, wfd = map(above_stdio, os.pipe())  # detach puts /dev/null on stdio
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _detach((wfd, *keep))
+        detach((wfd, *keep))
         return run(wfd)
     os.close(wfd)
     if in_parent is not None:
@@ -61,22 +61,6 @@ def spawn_daemon(run: Callable[[int], int], keep: tuple[int, ...] = (),
         _reap(pid, timeout_s=10)
     print(f"mirrorfs: error: {error}", file=sys.stderr)
     return 1
-
-
-def _detach(keep: tuple[int, ...]) -> None:
-    """The child: its own session, /dev/null for stdio, and none of the caller's other
-    files but ``keep`` (a caller that waits for the end of a pipe it gave us must not wait
-    for the daemon). The kept files are above stdio (``system.above_stdio``): a file
-    kept on fd 0-2 would become /dev/null here."""
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    lo = 3
-    for fd in sorted(k for k in keep if k >= 3):
-        os.closerange(lo, fd)
-        lo = fd + 1
-    os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
 
 
 def _reap(pid: int, timeout_s: float) -> None:

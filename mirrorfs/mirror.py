@@ -1210,8 +1210,8 @@ class Mirror:
             return hi - lo
         target = self.target
         assert not isinstance(target, NBDImage)
-        if self.cfg.target_fresh:  # mostly holes yet: see FileImage.preallocate (ext4)
-            target.preallocate(lo, hi - lo)
+        if self.cfg.target_fresh and not self.job.ready:  # the first pass fills holes:
+            target.preallocate(lo, hi - lo)  # see FileImage.preallocate (ext4)
         try:
             if target.copy_in(self.source, lo, hi - lo):
                 return 0  # else not between these two: buffers from now on

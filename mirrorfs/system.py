@@ -18,6 +18,22 @@ def above_stdio(fd: int) -> int:
         os.close(fd)
 
 
+def detach(keep: tuple[int, ...]) -> None:
+    """A forked daemon or helper: its own session (the terminal's ^C and ^Z are for the
+    command), /dev/null for stdio, and none of the caller's other files but ``keep``, which
+    must be above stdio (``above_stdio``). A caller waiting for the end of a pipe it gave
+    the command (a supervisor reading its output) must not wait for what it forked."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    lo = 3
+    for fd in sorted(keep):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+
+
 def alive(pid: int) -> bool:
     """Does the process exist (and is not a zombie)?"""
     try:

@@ -369,7 +369,8 @@ def prefault(nbytes: int) -> None:
     was freed is handed back to the host, and the next first touch of it costs ~1 s per
     GiB in host page faults. Whichever timed run happens to allocate such pages (page cache
     for a target, tmpfs pages) looks 2-5x slower at random. Touching memory right before a
-    timed run leaves warm pages at the head of the free lists, where the run takes them."""
+    timed run leaves warm pages at the head of the free lists, where the run takes them.
+    Used before the fio runs only: before a copy it did the opposite (see copier_case)."""
     import mmap
     nbytes = min(nbytes, 4 * GiB)
     if nbytes <= 0:
@@ -387,8 +388,7 @@ def prefault(nbytes: int) -> None:
 def drop_clean_cache() -> None:
     """Free the clean page cache (as root). A shared machine's cache fills its memory;
     page allocation then reclaims on the way, and a 1 GiB cp took 0.25 s or 1.2 s by
-    whether it did. After this every contender starts with free memory (and prefault
-    warms it)."""
+    whether it did. After this every contender starts with free memory."""
     with contextlib.suppress(OSError):
         subprocess.run(["sync"], check=False)
         with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -108,6 +108,19 @@ def test_the_helper_ends_with_a_killed_daemon(tmp_path: Path,
     assert_same(src, m.tgt)
 
 
+def write_and_complete(m: Mount, offset: int) -> None:
+    """A guest write through the mount, then ready, complete, unmount."""
+    fd = os.open(m.img, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(65536), offset)
+    finally:
+        os.close(fd)
+    m.wait("ready", timeout=120)
+    m.command("complete")
+    m.wait("completed")
+    m.umount()
+
+
 def test_a_foreground_daemon_started_with_stdin_closed(tmp_path: Path) -> None:
     """Under a supervisor that closed stdin the source is opened as fd 0; the helper,
     which points its stdio at /dev/null, must not copy from /dev/null (a review found it
@@ -123,16 +136,7 @@ def test_a_foreground_daemon_started_with_stdin_closed(tmp_path: Path) -> None:
         while not (mnt / ".mirror" / "ctl").exists():
             assert daemon.poll() is None and time.monotonic() < deadline, "no mount"
             time.sleep(0.01)
-        data = os.urandom(65536)
-        fd = os.open(m.img, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, SIZE // 2)
-        finally:
-            os.close(fd)
-        m.wait("ready", timeout=120)
-        m.command("complete")
-        m.wait("completed")
-        m.umount()
+        write_and_complete(m, SIZE // 2)
         daemon.wait(30)
     finally:
         if daemon.poll() is None:
@@ -153,15 +157,5 @@ def test_a_background_mount_started_with_stdin_and_stdout_closed(tmp_path: Path)
     r = subprocess.run(["bash", "-c", f"exec {cmd} <&- >&-"], cwd=ROOT, capture_output=False,
                        stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    m = Mount(src, tgt, mnt, src.name)
-    data = os.urandom(65536)
-    fd = os.open(m.img, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, SIZE // 3)
-    finally:
-        os.close(fd)
-    m.wait("ready", timeout=120)
-    m.command("complete")
-    m.wait("completed")
-    m.umount()
+    write_and_complete(Mount(src, tgt, mnt, src.name), SIZE // 3)
     assert_same(src, tgt)

@@ -72,6 +72,29 @@ async def wait_state(m: Mirror, state: State) -> None:
             await trio.sleep(0.01)
 
 
+async def ready_then_complete(m: Mirror) -> None:
+    await wait_state(m, State.READY)
+    m.complete()
+    await wait_state(m, State.COMPLETED)
+
+
+def random_image(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size // (4 * MiB)):
+            f.write(os.urandom(4 * MiB))
+
+
+async def freeze_mid_copy(m: Mirror, hs: headstart.HeadStart, size: int) -> int:
+    """Once the mirror has applied a first report, SIGSTOP the helper: the bytes copied."""
+    with trio.fail_after(30):
+        while m.copied_bytes == 0:
+            await trio.lowlevel.checkpoint()
+    os.kill(hs.pid, signal.SIGSTOP)
+    copied = m.copied_bytes
+    assert 0 < copied < size, "the helper was not caught in the middle"
+    return copied
+
+
 def test_the_helper_copies_the_data_and_skips_zeros(tmp_path: Path) -> None:
     size = 64 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
@@ -133,19 +156,12 @@ async def test_guest_writes_during_the_head_start_are_not_lost(tmp_path: Path) -
     its reports are applied; the mirror copies the rest, and the target ends equal."""
     size = 256 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
-    with open(src, "wb") as f:
-        for _ in range(size // (4 * MiB)):
-            f.write(os.urandom(4 * MiB))
+    random_image(src, size)
     hs, source, target, m = mirror_over_head_start(src, tgt)
     try:
         async with trio.open_nursery() as n:
             n.start_soon(m.run)
-            with trio.fail_after(30):
-                while m.copied_bytes == 0:
-                    await trio.lowlevel.checkpoint()
-            os.kill(hs.pid, signal.SIGSTOP)
-            copied = m.copied_bytes
-            assert 0 < copied < size, "the helper was not caught in the middle"
+            copied = await freeze_mid_copy(m, hs, size)
             writes = [(0, os.urandom(4096)), (copied - 3 * G, os.urandom(3 * G + 5)),
                       (size - 4096, os.urandom(4096))]
 
@@ -158,9 +174,7 @@ async def test_guest_writes_during_the_head_start_are_not_lost(tmp_path: Path) -
             for off, data in writes:
                 await m.write(off, data)
             assert hs.status == 1, "the helper did not stop at the first write"
-            await wait_state(m, State.READY)
-            m.complete()
-            await wait_state(m, State.COMPLETED)
+            await ready_then_complete(m)
     finally:
         hs.kill()
         source.close()
@@ -490,25 +504,17 @@ async def test_a_helper_that_does_not_stop_is_killed(tmp_path: Path,
     monkeypatch.setattr(mirrorfs.mirror, "HEAD_START_STOP_GRACE_S", 0.3)
     size = 256 * MiB
     src, tgt = tmp_path / "src.img", tmp_path / "tgt.img"
-    with open(src, "wb") as f:
-        for _ in range(size // (4 * MiB)):
-            f.write(os.urandom(4 * MiB))
+    random_image(src, size)
     hs, source, target, m = mirror_over_head_start(src, tgt)
     data = os.urandom(4096)
     try:
         async with trio.open_nursery() as n:
             n.start_soon(m.run)
-            with trio.fail_after(30):
-                while m.copied_bytes == 0:
-                    await trio.lowlevel.checkpoint()
-            os.kill(hs.pid, signal.SIGSTOP)
-            assert m.copied_bytes < size, "the helper was not caught in the middle"
+            await freeze_mid_copy(m, hs, size)
             with trio.fail_after(20):
                 await m.write(size // 2, data)
             assert hs.status is not None and hs.status != 0  # killed, not finished
-            await wait_state(m, State.READY)
-            m.complete()
-            await wait_state(m, State.COMPLETED)
+            await ready_then_complete(m)
     finally:
         hs.kill()
         source.close()

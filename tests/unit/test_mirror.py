@@ -210,18 +210,29 @@ async def test_pause_stops_copies_and_keeps_tracking(
     assert same(src, tgt)
 
 
-async def test_sync_top_copies_only_extents_and_keeps_target_sparse(tmp_path: Path) -> None:
-    size = 64 * MiB
-    src, tgt = make_pair(tmp_path, size, sparse=True)
-    for off in (0, 10 * MiB + 4096, 40 * MiB):
+def sparse_pair(tmp: Path, size: int, offsets: tuple[int, ...]) -> tuple[FileImage, FileImage]:
+    """A sparse source with 300 KiB of data at each offset, and an empty sparse target."""
+    src, tgt = make_pair(tmp, size, sparse=True)
+    for off in offsets:
         os.pwrite(src.fd, os.urandom(300 * KiB), off)
-    m = Mirror(src, tgt, cfg(sync=SyncMode.TOP))
-    assert m.bitmap.dirty_bytes < 2 * MiB
+    return src, tgt
+
+
+async def run_past_ready(m: Mirror, verb: Callable[[], None], end: State) -> None:
+    """Run the job to ready, then end it with ``verb`` and wait for ``end``."""
     async with trio.open_nursery() as n:
         n.start_soon(m.run)
         await wait_state(m, State.READY)
-        m.cancel()
-        await wait_state(m, State.CANCELLED)
+        verb()
+        await wait_state(m, end)
+
+
+async def test_sync_top_copies_only_extents_and_keeps_target_sparse(tmp_path: Path) -> None:
+    size = 64 * MiB
+    src, tgt = sparse_pair(tmp_path, size, (0, 10 * MiB + 4096, 40 * MiB))
+    m = Mirror(src, tgt, cfg(sync=SyncMode.TOP))
+    assert m.bitmap.dirty_bytes < 2 * MiB
+    await run_past_ready(m, m.cancel, State.CANCELLED)
     assert same(src, tgt)
     assert os.stat(tgt.path).st_blocks * 512 <= 2 * MiB
 
@@ -231,19 +242,13 @@ async def test_sync_full_to_a_new_target_copies_only_the_data_extents(tmp_path: 
     marks only the data extents (QEMU's mirror does the same on a zero-initialized target)
     and punches no hole of the 256 MiB of holes around them."""
     size = 256 * MiB
-    src, tgt = make_pair(tmp_path, size, sparse=True)
-    for off in (0, 100 * MiB + 4096, 250 * MiB):
-        os.pwrite(src.fd, os.urandom(300 * KiB), off)
+    src, tgt = sparse_pair(tmp_path, size, (0, 100 * MiB + 4096, 250 * MiB))
     punched: list[tuple[int, int]] = []
     zero = tgt.write_zeroes
     tgt.write_zeroes = lambda off, n: (punched.append((off, n)), zero(off, n))[1]  # type: ignore[method-assign]
     m = Mirror(src, tgt, cfg(sync=SyncMode.FULL, target_fresh=True))
     assert m.bitmap.dirty_bytes <= 3 * 384 * KiB
-    async with trio.open_nursery() as n:
-        n.start_soon(m.run)
-        await wait_state(m, State.READY)
-        m.complete()
-        await wait_state(m, State.COMPLETED)
+    await run_past_ready(m, m.complete, State.COMPLETED)
     assert same(src, tgt)
     # only the holes inside the extents' chunks (partly data) are punched
     assert m.zeroed_bytes <= 3 * 64 * KiB and sum(n for _, n in punched) <= 3 * 64 * KiB
