@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -348,6 +349,8 @@ def test_state_command(state: str, command: str, tmp_path: Path,
 class Scene:
     """Files for the bad mounts, and a snapshot of everything a mount could change."""
 
+    IMAGES = ("src.img", "small.img", "ro/existing.img")  # the existing images, by content
+
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir()
@@ -361,6 +364,16 @@ class Scene:
         (root / "not-a-dir").write_bytes(b"")
         (root / "ro").mkdir()
         make_image(root / "ro" / "existing.img", 8 * MiB)
+        # Copies of the images' bytes, outside the scene (not links: a link to an image would
+        # change with it), for the byte-for-byte comparison after each refused mount.
+        self.expected = root.parent / (root.name + ".expected")
+        self.expected.mkdir()
+        for rel in self.IMAGES:
+            shutil.copyfile(root / rel, self.expected / rel.replace("/", "_"))
+
+    def assert_images_unchanged(self) -> None:
+        for rel in self.IMAGES:
+            assert_same(self.root / rel, self.expected / rel.replace("/", "_"))
 
     def snapshot(self) -> list[tuple[str, int, int, int, int]]:
         out = []
@@ -463,4 +476,4 @@ def test_bad_mount(args: list[str], says: str, tmp_path: Path) -> None:
             subprocess.run(["umount", str(root / "busy")], capture_output=True)
         if ro_mounted:
             subprocess.run(["umount", str(root / "ro")], capture_output=True)
-    assert_same(scene.src, root / "hardlink.img")  # the source, byte for byte, untouched
+    scene.assert_images_unchanged()  # the source and the existing targets, byte for byte
