@@ -189,7 +189,9 @@ class Mirror:
                  pid: int | None = None, run_sync: RunSync | None = None,
                  persist: ActivityLog | None = None, resume: bitarray | None = None,
                  resume_info: dict[str, Any] | None = None,
-                 head_start: HeadStart | None = None) -> None:
+                 head_start: HeadStart | None = None,
+                 record_pivot: Callable[[], None] | None = None,
+                 forget_pivot: Callable[[], None] | None = None) -> None:
         self.source, self.target, self.cfg = source, target, cfg
         self.size = source.size
         self.job = job if job is not None else Job()
@@ -239,6 +241,10 @@ class Mirror:
         self._batch_done_at = 0.0
         self._copier_idle = False  # the loop waits for work: guest writes must wake it
         self.persist = persist  # the state file's activity log (None: no state file)
+        # The pivot registry (pivots.py): blocking calls, run off the trio thread. The pivot
+        # is recorded there before the target goes live, and forgotten if it does not.
+        self._record_pivot = record_pivot
+        self._forget_pivot = forget_pivot
         self._checkpoint_soon = False
         # Called right before a guest write is copied into the source inline, with nothing
         # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
@@ -797,6 +803,28 @@ class Mirror:
             await self._flush_images()
         if self.persist is not None:  # raises StateFileLost if the file is no good now
             await self.persist.checkpoint(self._snapshot, **fields)
+
+    async def save_final_state(self, source_id: dict[str, Any],
+                               target_id: dict[str, Any]) -> None:
+        """At unmount, with the copier stopped: a clean stop records the exact bitmap and
+        the images' identities, so that the next mount resumes from here (and refuses if
+        either image changes meanwhile)."""
+        persist = self.persist
+        if persist is None:
+            return
+        state = self.job.state
+        try:
+            if state is State.COMPLETED:
+                return  # recorded before the pivot
+            if state in (State.CANCELLED, State.FAILED):
+                await persist.set_fields(phase=str(state))
+                return
+            # unmounted and the copier stopped: nothing changes the images any more
+            await self.checkpoint(phase="running", clean=True, source=source_id,
+                                  target=target_id)
+            log.info("saved the job's state: %d bytes left to copy", self.bitmap.dirty_bytes)
+        except (OSError, CopyError) as e:
+            log.error("cannot save the job's state in %s: %s", persist.sf.path, e)
 
     async def _flush_images(self) -> None:
         try:

@@ -25,9 +25,9 @@ from bitarray import bitarray
 from mirrorfs.fs import MirrorOperations
 from mirrorfs.headstart import HeadStart
 from mirrorfs.images import FileImage
-from mirrorfs.job import Job, State
+from mirrorfs.job import Job
 from mirrorfs.locks import ImageLocked, lock_image
-from mirrorfs.mirror import CopyError, Mirror, MirrorConfig, Target
+from mirrorfs.mirror import Mirror, MirrorConfig, Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.state import (
@@ -36,6 +36,7 @@ from mirrorfs.state import (
     StateError,
     StateFile,
     identity,
+    plan_resume,
     remove_quietly,
 )
 from mirrorfs.system import mount_points
@@ -336,38 +337,16 @@ def _open_state(path: str) -> StateFile:
 
 def _resume_from(prep: Prepared, sf: StateFile, path: str) -> bool:
     """Validate a saved job against the images. True: resume it; False: start anew."""
-    h = sf.header
-    src, tgt = prep.source, prep.target
-    for what, img, saved in (("source", src, h.get("source", {})),
-                             ("target", tgt, h.get("target", {}))):
-        now = _image_id(img)
-        if (saved.get("dev"), saved.get("ino")) != (now.get("dev"), now.get("ino")) \
-                or saved.get("size") != img.size or (img.fd < 0 and saved.get("path") != img.path):
-            raise MountError(f"the state file {path} belongs to another {what} "
-                             f"({saved.get('path')}): use --fresh to start a new mirror")
-        if h.get("clean") and h.get("phase") == "running" \
-                and saved.get("mtime_ns") != now.get("mtime_ns"):
-            raise MountError(f"the {what} {img.path} was modified after the job stopped: "
-                             "resuming could miss those writes; use --fresh to start over")
-    phase = h.get("phase")
-    if phase == "completed":
-        raise MountError(f"{tgt.path} is the live image since the mirror completed: "
-                         f"{src.path} is stale and must not be copied over it "
-                         f"(use --fresh to start a new mirror from {src.path})")
-    if phase in ("cancelled", "failed"):
-        prep.notes.append(f"the previous job {phase}: starting a new one")
+    try:
+        plan = plan_resume(sf, _image_id(prep.source), _image_id(prep.target))
+    except StateError as e:
+        raise MountError(str(e)) from None
+    prep.notes.append(plan.note)
+    if plan.bitmap is None:
         return False
-    al, p = sf.read_slot()
-    shift = (h["extent_bytes"] // h["granularity"]).bit_length() - 1
-    for e in al.search(1):
-        p[e << shift:(e + 1) << shift] = 1
-    prep.resume = p
-    prep.granularity = h["granularity"]
-    prep.resume_info = {"clean_stop": bool(h.get("clean")),
-                        "resumed_bytes": p.count(1) * h["granularity"]}
-    how = "a clean stop" if h.get("clean") else "a crash"
-    prep.notes.append(f"resuming the job after {how}: "
-                      f"{p.count(1) * h['granularity']} bytes to copy")
+    prep.resume = plan.bitmap
+    prep.granularity = plan.granularity
+    prep.resume_info = plan.info
     return True
 
 
@@ -594,28 +573,7 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         if not mirror.job.ended:
             log.info("unmounted while the job was %s: saving its state", mirror.job.state)
         nursery.cancel_scope.cancel()
-    await _save_final_state(mirror)
-
-
-async def _save_final_state(mirror: Mirror) -> None:
-    """A clean stop: the exact bitmap, so that the next mount resumes from here."""
-    persist = mirror.persist
-    if persist is None:
-        return
-    state = mirror.job.state
-    try:
-        if state is State.COMPLETED:
-            return  # recorded before the pivot
-        if state in (State.CANCELLED, State.FAILED):
-            await persist.set_fields(phase=str(state))
-            return
-        # unmounted and the copier stopped: nothing changes the images any more
-        await mirror.checkpoint(phase="running", clean=True,
-                                source=_image_id(mirror.source),
-                                target=_image_id(mirror.target))
-        log.info("saved the job's state: %d bytes left to copy", mirror.bitmap.dirty_bytes)
-    except (OSError, CopyError) as e:
-        log.error("cannot save the job's state in %s: %s", persist.sf.path, e)
+    await mirror.save_final_state(_image_id(mirror.source), _image_id(mirror.target))
 
 
 async def _signals(scope: trio.CancelScope) -> None:

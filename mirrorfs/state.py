@@ -26,6 +26,7 @@ every chunk of the extents set in the activity log (DRBD's idea). So:
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import zlib
@@ -50,11 +51,40 @@ def _round_up(n: int, to: int = BLOCK) -> int:
     return -(-n // to) * to
 
 
+class StateIO:
+    """The state file's bytes: plain blocking calls on one descriptor. Everything the
+    state file does to the disk goes through here, so the crash explorer (tests) can
+    record every write and sync and replay any prefix of them as a crash would leave it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class StateFile:
     """The on-disk format. Plain blocking I/O; callers run it off the trio thread."""
 
-    def __init__(self, path: str, fd: int, header: dict[str, Any]) -> None:
-        self.path, self.fd, self.header = path, fd, header
+    def __init__(self, path: str, io: StateIO, header: dict[str, Any]) -> None:
+        self.path, self.io, self.header = path, io, header
         self.nchunks: int = header["nchunks"]
         self.nextents: int = header["nextents"]
         self.al_bytes = _round_up((self.nextents + 7) // 8)
@@ -63,34 +93,38 @@ class StateFile:
 
     # ------------------------------------------------------------------ create / open
     @classmethod
-    def create(cls, path: str, header: dict[str, Any]) -> "StateFile":
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def create(cls, path: str, header: dict[str, Any], io: StateIO | None = None
+               ) -> "StateFile":
+        """A new state file with no valid header yet: until the first checkpoint, opening
+        it fails (a crash before then leaves nothing to resume from, never a wrong job)."""
+        if io is None:
+            io = StateIO(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o600))
         h = dict(header, magic=MAGIC, version=VERSION, seq=0, slot=0)
-        sf = cls(path, fd, h)
-        os.ftruncate(fd, 2 * BLOCK + 2 * sf.slot_bytes)
+        sf = cls(path, io, h)
+        io.truncate(2 * BLOCK + 2 * sf.slot_bytes)
         return sf
 
     @classmethod
-    def open(cls, path: str) -> "StateFile":
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def open(cls, path: str, io: StateIO | None = None) -> "StateFile":
+        if io is None:
+            io = StateIO(os.open(path, os.O_RDWR | os.O_CLOEXEC))
         try:
             best: dict[str, Any] | None = None
             for i in (0, 1):
-                h = _parse_header(os.pread(fd, BLOCK, i * BLOCK))
+                h = _parse_header(io.pread(BLOCK, i * BLOCK))
                 if h is not None and (best is None or h["seq"] > best["seq"]):
                     best = h
             if best is None:
                 raise StateError(f"state file {path} is not a mirrorfs state file or is "
                                  "damaged (use --fresh to start over)")
-            return cls(path, fd, best)
+            return cls(path, io, best)
         except BaseException:
-            os.close(fd)
+            io.close()
             raise
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.io.close()
 
     # ------------------------------------------------------------------ slots
     def _slot_off(self, slot: int) -> int:
@@ -100,52 +134,45 @@ class StateFile:
         """(activity log over extents, P over chunks) of the active slot."""
         off = self._slot_off(self.header["slot"])
         al = bitarray(endian="little")
-        al.frombytes(os.pread(self.fd, self.al_bytes, off))
+        al.frombytes(self.io.pread(self.al_bytes, off))
         p = bitarray(endian="little")
-        p.frombytes(os.pread(self.fd, self.p_bytes, off + self.al_bytes))
+        p.frombytes(self.io.pread(self.p_bytes, off + self.al_bytes))
         return al[:self.nextents], p[:self.nchunks]
 
     def write_checkpoint(self, p: bitarray, **fields: Any) -> None:
         """P into the inactive slot with an empty log, sync, then switch the header."""
         new_slot = 1 - self.header["slot"]
         off = self._slot_off(new_slot)
-        _pwrite_all(self.fd, bytes(self.al_bytes), off)
+        self.io.pwrite(bytes(self.al_bytes), off)
         assert p.endian == "little"
-        _pwrite_all(self.fd, memoryview(p), off + self.al_bytes)  # no copy of a large P
-        os.fdatasync(self.fd)
+        self.io.pwrite(memoryview(p), off + self.al_bytes)  # no copy of a large P
+        self.io.sync()
         self.write_header(slot=new_slot, **fields)
 
     def write_header(self, **fields: Any) -> None:
         h = dict(self.header, **fields)
         h["seq"] = self.header["seq"] + 1
-        _pwrite_all(self.fd, _render_header(h), (h["seq"] % 2) * BLOCK)
-        os.fdatasync(self.fd)
+        self.io.pwrite(_render_header(h), (h["seq"] % 2) * BLOCK)
+        self.io.sync()
         self.header = h
 
     def write_log(self, al: bitarray) -> None:
         """Write the current slot's whole activity log, sync."""
-        _pwrite_all(self.fd, _padded(al, self.al_bytes), self._slot_off(self.header["slot"]))
-        os.fdatasync(self.fd)
+        self.io.pwrite(_padded(al, self.al_bytes), self._slot_off(self.header["slot"]))
+        self.io.sync()
 
     def log_extent(self, al: bitarray, extent: int) -> None:
         """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
         blk = extent // 8 // BLOCK * BLOCK  # byte offset of its block in the log
         data = _padded(al[blk * 8:(blk + BLOCK) * 8], BLOCK)  # only that block: a guest waits
-        _pwrite_all(self.fd, data, self._slot_off(self.header["slot"]) + blk)
-        os.fdatasync(self.fd)
+        self.io.pwrite(data, self._slot_off(self.header["slot"]) + blk)
+        self.io.sync()
 
 
 def _padded(bits: bitarray, nbytes: int) -> bytes:
     assert bits.endian == "little"
     b = bits.tobytes()
     return b + bytes(nbytes - len(b))
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, off)
-        view, off = view[n:], off + n
 
 
 def _render_header(h: dict[str, Any]) -> bytes:
@@ -265,3 +292,52 @@ class ActivityLog:
 def remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    """What a mount does with a saved job: resume it (``bitmap``: every chunk that may
+    differ) or start a new one (``bitmap`` None). ``note`` says which, for the user."""
+
+    bitmap: bitarray | None
+    granularity: int
+    note: str
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def plan_resume(sf: StateFile, source: dict[str, Any], target: dict[str, Any]) -> ResumePlan:
+    """Decide from the state file alone (pure: no I/O but reading it) whether and how a
+    job resumes. ``source`` and ``target`` are the images' identities now (``identity``
+    plus path and size). Raises StateError, with the reason, where resuming would be
+    unsafe and starting anew could overwrite the live image."""
+    h = sf.header
+    for what, now, saved in (("source", source, h.get("source", {})),
+                             ("target", target, h.get("target", {}))):
+        if (saved.get("dev"), saved.get("ino")) != (now.get("dev"), now.get("ino")) \
+                or saved.get("size") != now.get("size") \
+                or ("dev" not in now and saved.get("path") != now.get("path")):
+            raise StateError(f"the state file {sf.path} belongs to another {what} "
+                             f"({saved.get('path')}): use --fresh to start a new mirror")
+        if h.get("clean") and h.get("phase") == "running" \
+                and saved.get("mtime_ns") != now.get("mtime_ns"):
+            raise StateError(f"the {what} {now.get('path')} was modified after the job "
+                             "stopped: resuming could miss those writes; use --fresh to "
+                             "start over")
+    phase = h.get("phase")
+    if phase == "completed":
+        raise StateError(f"{target.get('path')} is the live image since the mirror "
+                         f"completed: {source.get('path')} is stale and must not be copied "
+                         f"over it (use --fresh to start a new mirror from "
+                         f"{source.get('path')})")
+    if phase in ("cancelled", "failed"):
+        return ResumePlan(None, h["granularity"],
+                          f"the previous job {phase}: starting a new one")
+    al, p = sf.read_slot()
+    shift = (h["extent_bytes"] // h["granularity"]).bit_length() - 1
+    for e in al.search(1):
+        p[e << shift:(e + 1) << shift] = 1
+    clean = bool(h.get("clean"))
+    nbytes = p.count(1) * h["granularity"]
+    how = "a clean stop" if clean else "a crash"
+    return ResumePlan(p, h["granularity"], f"resuming the job after {how}: {nbytes} bytes "
+                      "to copy", {"clean_stop": clean, "resumed_bytes": nbytes})
