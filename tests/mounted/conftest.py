@@ -6,6 +6,7 @@ SIGKILL), even when a test fails. Every mounted test ends by comparing images by
 """
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -84,6 +85,7 @@ class Mount:
         self.img = mnt / name
         self.ctl_path = mnt / ".mirror" / "ctl"
         self.pid: int | None = None
+        self.output = ""  # what ``mirrorfs mount`` printed (its notes)
 
     def status(self) -> dict[str, Any]:
         with open(self.ctl_path, "rb") as f:
@@ -143,6 +145,7 @@ class MirrorFactory:
             if o == "--name":
                 name = opts[i + 1]
         m = Mount(src, tgt, mnt, name)
+        m.output = r.stdout + r.stderr
         if r.returncode != 0:
             raise AssertionError(f"mount failed ({r.returncode}): {r.stderr}")
         self.mounts.append(m)
@@ -155,6 +158,23 @@ class MirrorFactory:
                 subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], capture_output=True)
             if m.pid:
                 _stop(m.pid)
+
+
+def kill9(m: Mount, timeout: float = 10) -> None:
+    """A crash: SIGKILL the daemon, and check that it is gone and left a dead mount (every
+    access to the image fails with ENOTCONN, or ECONNABORTED for the first ones after the
+    kernel aborted the connection), so that what follows really is a crash."""
+    assert m.pid is not None and alive(m.pid), f"the daemon {m.pid} is not running"
+    os.kill(m.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive(m.pid):
+        assert time.monotonic() < deadline, f"the daemon {m.pid} survived SIGKILL"
+        time.sleep(0.02)
+    with pytest.raises(OSError) as e:
+        os.stat(m.img)
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), \
+        f"not a dead mount after the crash: {e.value}"
+    assert mounted(m.mnt), "the crash left no mount: the daemon unmounted as at a clean stop"
 
 
 def _stop(pid: int) -> None:

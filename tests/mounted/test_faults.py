@@ -29,6 +29,7 @@ from conftest import (
     Mount,
     alive,
     assert_same,
+    kill9,
     make_image,
     mounted,
     run_mirrorfs,
@@ -204,10 +205,17 @@ def test_target_filesystem_full_at_mount(tmp_path: Path, mirrorfs: MirrorFactory
     assert_same(src, expect)
 
 
-def _checkpoint_opts() -> list[str]:
-    """Save the state file often, where the option exists (it is not part of the contract)."""
-    r = run_mirrorfs("mount", "--help")
-    return ["--checkpoint-interval", "0.5"] if "--checkpoint-interval" in r.stdout else []
+def fill_up(filler: Path) -> None:
+    """Take whatever room is left on the filesystem of ``filler`` (an existing file: a new
+    one may find no room for its inode) until ENOSPC."""
+    fd = os.open(filler, os.O_WRONLY | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
 
 
 def test_state_not_saved_then_crash_loses_nothing(tmp_path: Path,
@@ -216,28 +224,45 @@ def test_state_not_saved_then_crash_loses_nothing(tmp_path: Path,
     target cannot be saved either (its second slot was never written); guest writes go on;
     then the daemon is killed (-9). The next mount resumes the job from the state file: it
     may copy more than needed, but it must copy every difference. So after the pivot the
-    target equals the source, byte for byte."""
+    target equals the source, byte for byte.
+
+    The failed save is made certain: the first checkpoint is due only 4 s after the start
+    (only the mount's initial save, into slot 1, happens before), and by then the test has
+    filled the filesystem to the last page, so the checkpoint's write into slot 0, a hole of
+    the sparse state file, fails with ENOSPC. The test checks that it did."""
     src = make_image(tmp_path / "disk.img", SIZE, data_ranges=[(0, 12 * MiB)])  # sparse
-    opts = ["--sync", "top", "--on-target-error", "stop", *_checkpoint_opts()]
+    opts = ["--sync", "top", "--on-target-error", "stop", "--checkpoint-interval", "4"]
     with small_tmpfs(tmp_path / "small", SMALL, before_umount=mirrorfs.cleanup) as small:
         tgt = small / "target.img"
+        (small / "filler").touch()
+        t_mount = time.monotonic()
         m = mirrorfs.mount(src, tgt, *opts)
         # a write where the source has a hole: not in the saved bitmap, so it is logged
         guest_write(m, 20 * MiB + 100, os.urandom(64 << 10))
         m.wait("paused")  # the target's filesystem is full
-        try:
-            wait_for(lambda: [e for e in error_events(m) if e.get("side") == "state"],
-                     "a failed save of the job's state", timeout=15)
-        except AssertionError:
-            print("note: the state file was saved in spite of the full filesystem")
+        fill_up(small / "filler")  # to the last page, whatever the copier left
+        assert time.monotonic() - t_mount < 4, "too slow: the first checkpoint may have " \
+            "found room before the filesystem was full"
+        ev = wait_for(lambda: [e for e in error_events(m) if e.get("side") == "state"],
+                      "a failed save of the job's state", timeout=15)
+        assert ev[0]["action"] == "retry" and "No space left" in ev[0]["message"], ev
+        assert Path(str(tgt) + ".mirrorfs").exists(), "the state file was dropped"
         guest_write(m, 16 * MiB + 100, os.urandom(64 << 10))  # another extent, logged after
-        assert m.pid is not None
-        os.kill(m.pid, signal.SIGKILL)
-        wait_for(lambda: not alive(m.pid), "the daemon to die")  # type: ignore[arg-type]
+        kill9(m)
         resize_tmpfs(small, "64m")
         m2 = mirrorfs.mount(src, tgt, *opts)  # resumes the job from the state file
+        assert "resuming the job after a crash" in m2.output, m2.output
+        started = [e for e in m2.events() if e["event"] == "started"]
+        assert len(started) == 1 and started[0]["resumed"] is True, started
+        assert started[0]["clean_stop"] is False, started
+        # What the state file names: at most the source's data (its bitmap from the mount's
+        # save) and the two logged 4 MiB extents; at least the part of the data that did not
+        # fit (4 MiB) and the two written chunks.
+        resumed = int(started[0]["resumed_bytes"])
+        assert 4 * MiB < resumed <= 12 * MiB + 2 * 4 * MiB, started
         st = m2.wait("ready", timeout=60)
         assert st["state"] == "ready", st
+        assert st["copied_bytes"] <= resumed, (st, started)  # only what the state file named
         m2.command("complete")
         m2.wait("completed")
         m2.umount()
