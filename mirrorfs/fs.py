@@ -50,11 +50,12 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any
 
 
 class _Handle:
-    __slots__ = ("inode", "snapshot")
+    __slots__ = ("inode", "snapshot", "sync")
 
-    def __init__(self, inode: int) -> None:
+    def __init__(self, inode: int, sync: bool = False) -> None:
         self.inode = inode
         self.snapshot = b""
+        self.sync = sync  # the image opened O_DSYNC or O_SYNC: each change durable at once
 
 
 class MirrorOperations(pyfuse3.Operations):
@@ -176,7 +177,12 @@ class MirrorOperations(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         fh = self._next_fh
         self._next_fh += 1
-        h = _Handle(inode)
+        # O_DSYNC / O_SYNC (dd oflag=dsync, fio sync=dsync, databases): the kernel passes
+        # them here, but with direct_io it sends no FSYNC after such a write (only the
+        # cached path calls generic_write_sync), so each change is flushed before it is
+        # acknowledged. Limit: a per-write RWF_DSYNC / RWF_SYNC (pwritev2, io_uring) on a
+        # plain descriptor is only in that write's flags, which pyfuse3 does not pass on.
+        h = _Handle(inode, sync=inode == IMAGE and bool(flags & (os.O_DSYNC | os.O_SYNC)))
         if inode == CTL:
             h.snapshot = render_status(self._m.status())  # one consistent snapshot per open
         self._handles[fh] = h
@@ -208,7 +214,10 @@ class MirrorOperations(pyfuse3.Operations):
         # valid only until this returns, so nothing may keep it or a slice of it.
         h = self._handle(fh)
         if h.inode == IMAGE:
-            return await self._m.write(off, buf)
+            n = await self._m.write(off, buf)
+            if h.sync:  # durable before acknowledged (see open); a failed flush fails it
+                await self._m.fsync()
+            return n
         if h.inode == CTL:
             return self._command(bytes(buf))
         raise FUSEError(errno.EBADF)
@@ -238,7 +247,8 @@ class MirrorOperations(pyfuse3.Operations):
     @_guard
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """Needs pyfuse3 with the fallocate handler (scripts/setup.sh builds it)."""
-        if self._handle(fh).inode != IMAGE:
+        h = self._handle(fh)
+        if h.inode != IMAGE:
             raise FUSEError(errno.EOPNOTSUPP)
         keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
         changes = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
@@ -250,6 +260,8 @@ class MirrorOperations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)  # a disk does not grow under a mirror
         if changes:
             await self._m.fallocate(mode, offset, length)
+            if h.sync:  # a discard or write-zeroes changes the disk as a write does
+                await self._m.fsync()
         else:  # plain allocation: the content does not change, nothing to mirror
             await self._m.allocate(mode, offset, length)
 

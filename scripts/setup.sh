@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# strace: tests/mounted/test_sync_open.py watches the daemon flush before it replies.
 APT_PKGS=(fuse3 libfuse3-dev pkg-config fio qemu-utils python3-venv gcc patch util-linux e2fsprogs
-	nbdkit gnutls-bin libnbd-bin
+	nbdkit gnutls-bin libnbd-bin strace
 	${SETUP_EXTRA:-})
 missing=()
 for p in "${APT_PKGS[@]}"; do
