@@ -73,7 +73,7 @@ class Image(Protocol):
     def pread_into(self, buf: memoryview, offset: int) -> int: ...
     def pread(self, length: int, offset: int) -> bytes: ...
     def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
-    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int, cheap_only: bool = False) -> bool: ...
     def copy_in(self, src: "Image", offset: int, length: int) -> bool: ...
     def can_copy_from(self, src: "Image") -> bool: ...
     def preallocate(self, offset: int, length: int) -> bool: ...
@@ -131,26 +131,31 @@ class FileImage:
         """Can ranges be zeroed without writing zero data (punch hole, zero range)?"""
         return self._punch_ok
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, cheap_only: bool = False) -> bool:
         """Make [offset, offset + length) read as zeros without writing zero data where the
-        file system allows it: punch a hole (files) or zero the range (block devices)."""
+        file system allows it: punch a hole (files) or zero the range (block devices).
+        Elsewhere zero data is written, unless ``cheap_only``: then False, nothing done
+        (the caller has the zeros written as data its own way, sized and rate-limited)."""
         if length <= 0:
-            return
+            return True
         if self._punch_ok:
             mode = (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE if self.is_block
                     else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
             try:
                 fallocate(self.fd, mode, offset, length)
-                return
+                return True
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 self._punch_ok = False
+        if cheap_only:
+            return False
         end = offset + length
         while offset < end:
             n = min(len(ZERO_BLOCK), end - offset)
             self.pwrite(memoryview(ZERO_BLOCK)[:n], offset)
             offset += n
+        return True
 
     def can_copy_from(self, src: Image) -> bool:
         """May ``copy_in`` work from ``src``? (Two regular files; false once it failed.)"""

@@ -29,7 +29,6 @@ copy batch to it reads the source in one worker-thread call, then sends its ops 
 concurrent tasks, which the client pipelines on one connection.
 """
 
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -49,7 +48,7 @@ from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
-from mirrorfs.state import ActivityLog, StateFileLost, remove_quietly
+from mirrorfs.state import ActivityLog, StateFileLost, remove_durably
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +213,8 @@ class Mirror:
         self._wakeup = trio.Event()
         self._gate: trio.Event | None = None  # set while guest writes must wait
         self._abandon = False  # cancel force / cancel before ready: stop, copy nothing more
+        self._untracked = False  # the job's end (or the pivot) is durable: see ``tracking``
+        self._keep_tracking = False  # a stale state file could not be removed (_drop_state)
         self._paused_from: State | None = None
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -243,7 +244,7 @@ class Mirror:
         self.persist = persist  # the state file's activity log (None: no state file)
         # The pivot registry (pivots.py): blocking calls, run off the trio thread. The pivot
         # is recorded there before the target goes live, and forgotten if it does not.
-        self._record_pivot = record_pivot
+        self._record_pivot_hook = record_pivot
         self._forget_pivot = forget_pivot
         self._checkpoint_soon = False
         # Called right before a guest write is copied into the source inline, with nothing
@@ -286,15 +287,19 @@ class Mirror:
     # ================================================================== guest I/O
     @property
     def tracking(self) -> bool:
-        """Are guest writes mirrored (marked dirty or written through)?"""
-        return not self.job.ended and not self._abandon
+        """Are guest writes recorded (marked dirty, logged in the state file)? Until the
+        job's end is durable (invariant 9, ``_record_end``), also after the job ended: a
+        crash before that resumes a job, which must copy them. After the pivot the guest's
+        writes go to the target alone."""
+        return not self._untracked
 
     @property
     def _active(self) -> bool:
         # Write-blocking mode; also while draining towards the pivot or a consistent cancel,
         # so that complete and cancel converge however fast the guest writes.
-        return self.copy_mode is CopyMode.WRITE_BLOCKING or self.job.state in (
-            State.COMPLETING, State.CANCELLING)
+        return not self.job.ended and not self._abandon and (
+            self.copy_mode is CopyMode.WRITE_BLOCKING
+            or self.job.state in (State.COMPLETING, State.CANCELLING))
 
     async def read(self, offset: int, length: int) -> bytes:
         self.guest_ops += 1
@@ -305,7 +310,11 @@ class Mirror:
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """A guest's write. ``data`` may be a view of the FUSE request: it is used only
-        until this returns (both images are written by then, or the range is dirty)."""
+        until this returns (both images are written by then, or the range is dirty).
+        The disk does not grow: a write past its end fails whole, as on a block device,
+        and changes nothing (a tail the job does not know would never be mirrored)."""
+        if offset + len(data) > self.size:
+            raise OSError(errno.ENOSPC, f"write past the end of the {self.size}-byte disk")
         await self._change(offset, len(data), _Write(offset, memoryview(data)))
         return len(data)
 
@@ -431,7 +440,7 @@ class Mirror:
             self._source_flush_failed = False
             raise OSError(errno.EIO, "writing back the source failed")
         await self._flush(serving)
-        if serving is self.source and self.tracking and self._active:
+        if serving is self.source and self._active:
             try:
                 await self._flush_target()
             except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
@@ -463,7 +472,7 @@ class Mirror:
         # (the check and the hold happen with no checkpoint in between).
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
-        if self._gate is not None or not self.tracking:
+        if self._gate is not None or not self._active:
             return False
         busy = self._hold(a, b, 0)
         try:
@@ -481,7 +490,9 @@ class Mirror:
             if lo < hi:
                 epoch = self._check_epoch()
                 try:
-                    await _apply(self.target, change, lo, hi)
+                    if not await self._apply_to_target(change, lo, hi):
+                        self.bitmap.mark_chunks(a, b)  # the copier writes these zeros
+                        return True
                 except OSError as e:
                     self.bitmap.mark_chunks(a, b)  # invariant 3, then the policy
                     self._on_error(CopyError("target", lo, hi - lo, e))
@@ -499,6 +510,18 @@ class Mirror:
                     self.copied_bytes += hi - lo
         finally:
             self._release(busy)
+        return True
+
+    async def _apply_to_target(self, change: Change, lo: int, hi: int) -> bool:
+        """An active write's target part. A guest's punch or zero-range becomes the
+        target's own way to read zeros (a hole, or zero-range on a device), never the
+        guest's mode, which the target may lack (tmpfs has no zero-range). False where it
+        cannot zero without writing zero data: the caller leaves the chunks dirty and the
+        copier writes the zeros, sized and rate-limited as data."""
+        target = self.target
+        if isinstance(change, _Fallocate) and not isinstance(target, NBDImage):
+            return target.write_zeroes(lo, hi - lo, cheap_only=True)
+        await _apply(target, change, lo, hi)
         return True
 
     def _announce_inline_write(self, change: Change, length: int) -> None:
@@ -607,6 +630,9 @@ class Mirror:
             self.job.error = msg
             self._backoff_s = min(max(self._backoff_s * 2, 0.1), self.cfg.max_backoff_s)
             self._backoff_until = self._now() + self._backoff_s
+        # Invariant 6: a closed gate must not hold the guest while the copy behind it keeps
+        # failing. It closes again only once a copy has succeeded (``_step``).
+        self._open_gate()
         self._wakeup.set()
 
     def _fail(self, msg: str) -> None:
@@ -683,6 +709,22 @@ class Mirror:
                 await self._step(nursery)
             nursery.cancel_scope.cancel()  # the checkpointer; batches are done by now
         log.info("mirror loop ended in state %s", self.job.state)
+        await self._record_end()
+
+    async def _record_end(self) -> None:
+        """Invariant 9: the job's end is durable before guest writes stop being tracked.
+        Until then they are marked and logged as during the job, so a crash meanwhile
+        resumes a job that copies them; after it, the next mount starts a new job (a full
+        copy). A completed job recorded its end before the pivot."""
+        if self.serving is self.target:
+            return
+        if self.persist is not None:
+            try:
+                await self.persist.set_fields(phase=str(self.job.state))
+            except OSError as e:  # StateFileLost too: drop it, or keep tracking
+                self._drop_state(e)
+        if not self._keep_tracking:
+            self._untracked = True
 
     # ------------------------------------------------------------------ the head start
     async def _follow_head_start(self) -> None:
@@ -781,15 +823,24 @@ class Mirror:
         except OSError as e:
             self._drop_state(e)
 
-    def _drop_state(self, e: OSError) -> None:
+    def _drop_state(self, e: OSError) -> bool:
+        """Stop using a state file that cannot be written: remove it, durably (no state
+        means no resume: the next mount starts a new job, a full copy). False if it could
+        not be removed either: it then still says what it said, and tracking never stops."""
         assert self.persist is not None
         path = self.persist.sf.path
         self.persist = None
-        remove_quietly(path)
-        msg = f"cannot write the state file {path} ({e.strerror or e}): the job goes on " \
-              "without one, and a crash now means a full copy"
+        removed = remove_durably(path)
+        if removed:
+            msg = f"cannot write the state file {path} ({e.strerror or e}): the job goes " \
+                  "on without one, and a crash now means a full copy"
+        else:
+            self._keep_tracking = True
+            msg = f"cannot write or remove the state file {path} ({e.strerror or e}): " \
+                  "remove it by hand before the next mount, or mount with --fresh"
         log.error("%s", msg)
         self.job.emit("error", side="state", message=msg, action="dropped state file")
+        return removed
 
     async def checkpoint(self, flush: bool = True, **fields: Any) -> None:
         """Save the job's state. Both images are flushed first, outside the state file's
@@ -888,7 +939,8 @@ class Mirror:
                 await self._wakeup.wait()
             return
         draining = state in (State.COMPLETING, State.CANCELLING)
-        if draining and self._gate is None and self.remaining_bytes <= self.cfg.drain_bytes:
+        if draining and self._gate is None and not self._backoff_s \
+                and self.remaining_bytes <= self.cfg.drain_bytes:
             self._gate = trio.Event()  # invariant 4: stop admitting writes
         if self._gate is not None and not self._busy and not self.bitmap.dirty_chunks:
             await self._finish()
@@ -1019,6 +1071,13 @@ class Mirror:
                 await self._copy_batch_remote(self.target, ops, buf)
             else:
                 await self._run_sync(self._copy_batch_sync, ops, buf)
+        except (CopyError, OSError) as e:
+            # Every error in a batch reaches the error policy (``_settle``), none the loop:
+            # an escaping one would end the daemon and leave the guest a dead mount.
+            undone = next((op for op in ops if not op.done and op.error is None), None)
+            if undone is not None:
+                undone.error = e if isinstance(e, CopyError) else CopyError(
+                    "target", undone.offset, undone.length, e)
         finally:
             self._buffers.append(buf)
             self._batch_done_at = self._now()
@@ -1083,10 +1142,10 @@ class Mirror:
             view = mv[pos:pos + op.length]
             try:
                 self._read_source(view, op.offset)
+                plans.append(self._plan(view, op.offset))  # SEEK_DATA/HOLE may fail too
             except CopyError as e:
                 op.error = e
                 break
-            plans.append(self._plan(view, op.offset))
             pos += op.length
         return plans
 
@@ -1309,23 +1368,48 @@ class Mirror:
         if not self._drained(epoch):
             return
         if self.job.state is State.COMPLETING:
-            if self.persist is not None:
-                # Before the first write to the target as the live image: a later mount must
-                # never copy the (then stale) source over it.
-                try:
-                    await self.persist.set_fields(phase="completed", clean=False)
-                except OSError as e:
-                    self._open_gate()
-                    self._fail(f"cannot record the pivot in the state file: {e}")
-                    return
-                if not self._drained(epoch):
-                    with contextlib.suppress(OSError):  # not pivoting after all
-                        await self.persist.set_fields(phase="running")
-                    return
+            if not await self._record_pivot():
+                return
+            if not self._drained(epoch):  # not pivoting after all
+                await self._unrecord_pivot()
+                return
             self.serving = self.target  # from now on the guest's I/O goes to the target
+            self._untracked = True
             self._end(State.COMPLETED, consistent=True)
         elif self.job.state is State.CANCELLING:
             self._end(State.CANCELLED, consistent=True)
+
+    async def _record_pivot(self) -> bool:
+        """Invariant 9: before the target is served, record durably that it is the live
+        image: in the pivot registry (which any later mount of the source consults, state
+        file or not) and in the state file. A later mount must never copy the then stale
+        source over it. False, the job failed, where that cannot be done."""
+        try:
+            if self._record_pivot_hook is not None:
+                await self._run_sync(self._record_pivot_hook)
+            if self.persist is not None:
+                await self.persist.set_fields(phase="completed", clean=False)
+        except OSError as e:
+            await self._unrecord_pivot()
+            self._open_gate()
+            self._fail(f"cannot record the pivot: {e.strerror or e}")
+            return False
+        return True
+
+    async def _unrecord_pivot(self) -> None:
+        """The pivot did not happen: the state file says running again (else it is
+        dropped), then the registry forgets it. In that order: a crash between them leaves
+        a refusal, never a copy over a live image."""
+        if self.persist is not None:
+            try:
+                await self.persist.set_fields(phase="running")
+            except OSError as e:
+                self._drop_state(e)
+        if self._forget_pivot is not None:
+            try:
+                await self._run_sync(self._forget_pivot)
+            except OSError as e:  # a stale record refuses the next mount: safe, and said
+                log.error("cannot remove the pivot record of %s: %s", self.source.path, e)
 
     def _drained(self, epoch: int) -> bool:
         """Still draining, gate closed, nothing busy or dirty, no loss since ``epoch``?"""

@@ -30,6 +30,7 @@ from mirrorfs.locks import ImageLocked, lock_image
 from mirrorfs.mirror import Mirror, MirrorConfig, Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
+from mirrorfs.pivots import PivotRegistry, source_identity
 from mirrorfs.state import (
     DEFAULT_EXTENT,
     ActivityLog,
@@ -236,6 +237,7 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
         _lock(source, "source")
         if source.size == 0:
             raise MountError(f"source {src} is empty")
+        _check_not_pivoted(source, opts)
         if nbd is not None:
             target = await _open_nbd(nbd, opts, source.size, nursery)
         elif head_start is not None:
@@ -268,6 +270,21 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
     return prep
 
 
+def _check_not_pivoted(source: FileImage, opts: MountOptions) -> None:
+    """Invariant 9: a source that a mirror pivoted away from is stale; copying it again
+    would overwrite the live image with old data. Only --fresh says that is meant."""
+    if opts.fresh:
+        return
+    try:
+        rec = PivotRegistry().find(source_identity(source.path, source.fd))
+    except OSError as e:
+        raise MountError(f"cannot read the pivot registry: {e.strerror or e}") from None
+    if rec is not None:
+        raise MountError(f"{source.path} is stale: a mirror completed onto {rec['target']} "
+                         f"at {rec['time']}, which is the live image since; mirroring it "
+                         "again would copy old data (use --fresh if that is what you want)")
+
+
 async def _close_target(target: Target) -> None:
     if isinstance(target, NBDImage):
         await target.close()  # NBD_CMD_DISC first
@@ -291,9 +308,11 @@ def _image_id(img: Target) -> dict[str, Any]:
 
 
 def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
-    if opts.no_state:  # the CLI refuses --state with it
-        return
     path = _state_path(opts, prep.target)
+    if opts.no_state:  # the CLI refuses --state with it
+        if path is not None and os.path.exists(path) and not opts.fresh and not prep.fresh:
+            _refuse_if_pivoted(path)  # keeping no state is no reason to ignore this one
+        return
     if path is None:
         what = "a block device" if prep.target.is_block else "an NBD export"
         prep.notes.append(f"the target is {what} and --state is not given: the job's state "
@@ -302,7 +321,7 @@ def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
     if os.path.exists(path) and not opts.fresh and not prep.fresh:
         sf = _open_state(path)
         try:
-            if _resume_from(prep, sf, path):
+            if _resume_from(prep, sf, opts):
                 prep.statefile = sf
                 return
         except BaseException:
@@ -326,6 +345,17 @@ def _prepare_state(prep: Prepared, opts: MountOptions) -> None:
     prep.state_created = not existed
 
 
+def _refuse_if_pivoted(path: str) -> None:
+    sf = _open_state(path)
+    try:
+        if sf.header.get("phase") == "completed":
+            raise MountError(f"the state file {path} says the mirror completed: the target "
+                             "is the live image and the source is stale (use --fresh to "
+                             "start a new mirror from the source)")
+    finally:
+        sf.close()
+
+
 def _open_state(path: str) -> StateFile:
     try:
         return StateFile.open(path)
@@ -335,10 +365,11 @@ def _open_state(path: str) -> StateFile:
         raise MountError(f"cannot open the state file {path}: {e.strerror}") from None
 
 
-def _resume_from(prep: Prepared, sf: StateFile, path: str) -> bool:
+def _resume_from(prep: Prepared, sf: StateFile, opts: MountOptions) -> bool:
     """Validate a saved job against the images. True: resume it; False: start anew."""
     try:
-        plan = plan_resume(sf, _image_id(prep.source), _image_id(prep.target))
+        plan = plan_resume(sf, _image_id(prep.source), _image_id(prep.target),
+                           sync=str(opts.sync), granularity=opts.granularity)
     except StateError as e:
         raise MountError(str(e)) from None
     prep.notes.append(plan.note)
@@ -545,9 +576,19 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
         sf = prep.statefile
         persist = ActivityLog(sf, bitarray(sf.nchunks, endian="little"), prep.granularity,
                               sf.header["extent_bytes"])
+    registry = PivotRegistry()
+    source, target_path = prep.source, prep.target.path
+
+    def record_pivot() -> None:
+        registry.record(source_identity(source.path, source.fd), target_path)
+
+    def forget_pivot() -> None:
+        registry.clear(source_identity(source.path, source.fd))
+
     mirror = Mirror(prep.source, prep.target, cfg, Job(), persist=persist,
                     resume=prep.resume, resume_info=prep.resume_info,
-                    head_start=prep.head_start)
+                    head_start=prep.head_start, record_pivot=record_pivot,
+                    forget_pivot=forget_pivot)
     prep.resume = None  # merged into the mirror's bitmap: do not keep a second copy
     if persist is not None:
         # the initial bitmap is on disk before the first guest write; no flush of the
@@ -559,6 +600,11 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
             raise MountError(f"cannot write the state file {persist.sf.path}: "
                              f"{e.strerror}") from None
         log.debug("initial state saved in %s", persist.sf.path)
+    if opts.fresh:  # served again: no longer the stale side of an earlier pivot
+        try:
+            await trio.to_thread.run_sync(forget_pivot)
+        except OSError as e:
+            log.warning("cannot remove the pivot record of %s: %s", source.path, e)
     prep.state_created = False  # the job owns it now
     prep.target_created = False  # from here on the target is the job's, even on failure
     ops.mirror = mirror

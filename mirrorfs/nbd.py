@@ -24,7 +24,9 @@ When the connection breaks (EOF, a stream error, a protocol error, a reply that 
 than ``io_timeout``, a send cancelled halfway through a message), the reader fails every
 pending request with OSError(ECONNRESET) and every later call fails the same way, until
 ``reconnect()`` opens a new connection and handshakes again. The caller is expected to treat
-failed writes as not done (the mirror marks them dirty again).
+failed writes as not done (the mirror marks them dirty again). A failed write may still be
+running on the server, though: ``reconnect()`` opens the new connection only once the server
+has closed the old one (the fence, see there), so that it cannot land after a newer write.
 
 TLS is ``trio.SSLStream`` over the same TCP or Unix stream, after NBD_OPT_STARTTLS.
 """
@@ -543,6 +545,14 @@ class _Conn:
         self.acked_writes = 0  # writes the server acknowledged on this connection
         self.flushed_writes = 0  # ... of which a successful flush covers
         self.flushes = 0  # FLUSH requests awaiting their reply
+        self._reader_scope = trio.CancelScope()  # fail() stops the reader through it
+        self._sending: trio.CancelScope | None = None  # ... and a send under way
+        # The fence (see NBDImage.reconnect). ``in_doubt``: writes were pending when the
+        # connection ended, so the server may still be running them. ``settled``: nothing
+        # sent on this connection can change the export any more (none in doubt, or the
+        # server has closed its end since).
+        self.in_doubt = False
+        self.settled = trio.Event()
 
     # -------------------------------------------------------------- state
     @property
@@ -557,20 +567,27 @@ class _Conn:
             text = why.strerror or "closed"
         return OSError(errno.ECONNRESET, f"NBD connection to {self.label} lost: {text}")
 
+    def _socket(self) -> trio.socket.SocketType:
+        stream = self.w.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        assert isinstance(stream, trio.SocketStream)
+        return stream.socket
+
     def fail(self, why: BaseException) -> None:
-        """Make the connection unusable: the stream is closed at once, so the reader stops
-        and fails everything pending."""
+        """Make the connection unusable: the reader is cancelled and fails everything
+        pending at once; our sending side is shut, so that the server reads the end of
+        the connection (the socket stays open for the fence: see ``read_loop``)."""
         if self.error is None:
             # Keep the message, not the exception: its traceback would hold the frames
             # of the request that failed, and with them views of the guest's data.
             self.error = _plain(why)
-        if isinstance(self.w.stream, trio.SocketStream):
-            self.w.stream.socket.close()  # wakes the reader; no await needed
-        else:
-            assert isinstance(self.w.stream, trio.SSLStream)
-            tcp = self.w.stream.transport_stream
-            assert isinstance(tcp, trio.SocketStream)
-            tcp.socket.close()
+        self._reader_scope.cancel()  # no await needed
+        if self._sending is not None:
+            self._sending.cancel()  # a send blocked on a full socket (SHUT_WR does not wake
+            # it on a Unix socket): its request is pending, so the reader fails it
+        with contextlib.suppress(OSError):
+            self._socket().shutdown(trio.socket.SHUT_WR)
 
     # -------------------------------------------------------------- requests
     async def submit(self, cmd: int, offset: int, length: int,
@@ -594,8 +611,8 @@ class _Conn:
             try:
                 # A message once begun is finished even if the caller is cancelled: half a
                 # message would end the connection for every other request on it. A server
-                # that stops reading for io_timeout ends it instead.
-                with trio.CancelScope(shield=True):
+                # that stops reading for io_timeout ends it instead, and so does fail().
+                with trio.CancelScope(shield=True) as self._sending:
                     if payload is None:
                         await self.w.send(header, stall_s=self.io_timeout)
                     else:
@@ -604,6 +621,7 @@ class _Conn:
                 self.fail(e)  # the reader fails ``req``
             req.sent_at = trio.current_time()  # replies can only come once it is all out
         finally:
+            self._sending = None
             self.send_lock.release()
         return req
 
@@ -626,7 +644,7 @@ class _Conn:
                 req.buf = None
                 self.fail(TimeoutError(errno.ETIMEDOUT, f"no reply from the server within "
                                        f"{limit:g} s"))
-                await req.event.wait()  # the reader stops at once on the closed socket
+                await req.event.wait()  # the cancelled reader fails it at once
         except BaseException:
             req.buf = None  # cancelled: a late payload must not land in the caller's buffer
             raise
@@ -667,9 +685,39 @@ class _Conn:
         if self.error is None:
             self.error = ConnectionResetError(errno.ECONNRESET, "closed")
         self.fail(self.error)
+        self._socket().close()  # also ends a fence's wait (read_loop): nobody waits for it
 
     # -------------------------------------------------------------- reader task
     async def read_loop(self) -> None:
+        """Read replies until the connection ends; then, if writes were pending, wait for
+        the server to close its end (the fence, see NBDImage.reconnect)."""
+        try:
+            with self._reader_scope:
+                await self._read_replies()
+            if self.in_doubt and not await self._server_closed():
+                return  # no proof: ``settled`` stays unset
+            self.settled.set()
+        finally:
+            self.reader_done.set()
+
+    async def _server_closed(self) -> bool:
+        """After the connection failed with writes pending: read (and drop) whatever comes
+        until the server closes the connection. True on its EOF or reset; False if our
+        own close or another error (e.g. TCP giving up on an unreachable host) ends the
+        wait: then nothing says that the server is done with those writes."""
+        sock = self._socket()
+        with contextlib.suppress(OSError):
+            sock.shutdown(trio.socket.SHUT_WR)  # the server must see the end to close
+        try:
+            while await sock.recv(1 << 16):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except (OSError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def _read_replies(self) -> None:
         w = self.w
         cur: _Req | None = None
         why: BaseException = ConnectionResetError(errno.ECONNRESET, "closed")
@@ -707,10 +755,10 @@ class _Conn:
             self.flushes = 0
             if cur is not None:
                 reqs.append(cur)
+            self.in_doubt = any(r.cmd in _WRITES for r in reqs)
             for r in reqs:
                 r.exc = self.lost()  # one each: raised in several tasks, one would gather
                 r.event.set()        # all their tracebacks (and the buffers they hold)
-            self.reader_done.set()
 
 
 async def _connect_stream(addr: NBDAddress) -> trio.SocketStream:
@@ -871,6 +919,7 @@ class NBDImage:
             self._live()  # a closed image stays closed
             if old.alive:
                 return False
+            await self._fence(old)
             conn, info = await _open(self.addr, self._tls, self._timeout, self._io_timeout,
                                      self._nursery)
             if info.size != self.size:
@@ -888,6 +937,47 @@ class NBDImage:
             self.generation += 1
         await old.close(graceful=True)
         return True
+
+    # The fence (issue 16 item 8, proved by tests/unit/test_nbd_fence.py). A write that
+    # failed because its connection was lost (io_timeout on a slow server, a protocol
+    # error) may still be running on the server. Before the fence, reconnect() opened the
+    # next connection at once: a newer write to the same range, sent and acknowledged
+    # there, could be overtaken by the old one, and the mirror counted the range as equal
+    # (a clean bit, then "completed") while the export held the older data.
+    #
+    # Now no request goes out on a new connection while a write of the old one may still
+    # land: when writes were pending at the loss, reconnect() first waits until the server
+    # has closed the old connection (we shut our sending side, so that it reads the end;
+    # its EOF or reset is the sign), for at most connect_timeout, then raises, and the next
+    # call waits again. Writes that failed are the caller's to redo (the mirror marks them
+    # dirty), and a redo can then only land after them. A loss with no write pending
+    # (reads, flushes, an idle connection) reconnects at once.
+    #
+    # The assumption: a server closes a connection only once the requests it read on it
+    # are done (or will never be done). nbdkit does (its worker threads are joined before
+    # the socket is closed), and so does a server process that died (restarted, killed).
+    # qemu-nbd does NOT: its client_close() shuts the socket down at once and lets the
+    # requests already in its block layer finish afterwards, so there a write can land
+    # after the EOF. No NBD request can fence that from the client (a flush on the new
+    # connection does not wait for another connection's writes); in practice a later
+    # write of the same range queues behind it in the same file, but nothing promises it
+    # (test_a_server_that_closes_before_its_requests_end_is_not_fenced documents the gap).
+    # If the wait for the server's close ends without it (TCP gave up on the host), the
+    # export's content is in doubt for good: reconnect() refuses from then on.
+    async def _fence(self, old: _Conn) -> None:
+        """Wait until no write of ``old`` (a lost connection) can still land (see above);
+        NBDError if that is not known within connect_timeout."""
+        with trio.move_on_after(self._timeout):
+            await old.reader_done.wait()
+        if old.settled.is_set():
+            return
+        if old.reader_done.is_set():
+            raise NBDError(errno.EIO, f"{self.path}: writes sent on a lost connection may "
+                           f"still change the export, and {self.addr.where} cannot tell "
+                           "us when they are done: not reconnecting")
+        raise NBDError(errno.ETIMEDOUT, f"{self.path}: writes sent on the lost connection "
+                       f"may still be running: {self.addr.where} has not closed it within "
+                       f"{self._timeout:g} s; not reconnecting before it does")
 
     async def close(self) -> None:
         """NBD_CMD_DISC (after the pending requests), then close. Idempotent."""

@@ -15,18 +15,25 @@ every chunk of the extents set in the activity log (DRBD's idea). So:
 * Otherwise its extents must be in the activity log *on disk* (written and fdatasync'd)
   before the write reaches the source. That costs one small synchronous metadata write per
   extent (4 MiB by default), not per guest write.
+* A log entry protects a write only once it is durable: its bit is visible to other
+  writers only after its block was synced; writers into that extent wait meanwhile.
 * A checkpoint first flushes both images (all but the first, before any guest write),
   then writes what may still differ (dirty, in flight, written since that flush began)
   into the inactive slot with an empty activity log, syncs, and switches the header to it.
-  Until the switch the old slot is valid. Writes that need a log entry wait for the
-  checkpoint and log into the new slot; writes the new P covers skip the log, so a
-  checkpoint that fails puts every extent of its P into the old log before it lets go.
+  Until the switch the old slot is what a crash leaves, after it the new one: meanwhile a
+  write skips the log only if both cover it (the new P and the old log); others wait for
+  the checkpoint and log into the new slot. A checkpoint that fails before the header
+  write changes nothing on disk; one whose header write fails leaves the disk unknown, and
+  the state file is dropped (removed: no state means no resume).
 * A clean stop is a checkpoint with ``clean: true``. After a crash, the resumed job copies P
   plus the logged extents: nothing else can differ.
+* The end of a job (cancelled, failed) and the pivot (completed) are written in the header
+  before their effect: before writes stop being tracked, before the target is served.
 """
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import zlib
@@ -35,7 +42,6 @@ from typing import Any
 
 import trio
 from bitarray import bitarray
-from bitarray.util import intervals
 
 BLOCK = 4096
 MAGIC = "mirrorfs-state"
@@ -72,7 +78,14 @@ class StateIO:
         os.fdatasync(self.fd)
 
     def truncate(self, size: int) -> None:
+        """Size the file and allocate its blocks: later writes never need new space, so a
+        file system that fills up (next to a growing target) cannot fail them with ENOSPC."""
         os.ftruncate(self.fd, size)
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a fs that cannot: do without
+                raise
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -141,13 +154,17 @@ class StateFile:
 
     def write_checkpoint(self, p: bitarray, **fields: Any) -> None:
         """P into the inactive slot with an empty log, sync, then switch the header."""
-        new_slot = 1 - self.header["slot"]
-        off = self._slot_off(new_slot)
+        self.write_slot(p)
+        self.write_header(slot=1 - self.header["slot"], **fields)
+
+    def write_slot(self, p: bitarray) -> None:
+        """P into the inactive slot with an empty log, synced. The header still names the
+        active slot: a failure here leaves what is on disk as it was."""
+        off = self._slot_off(1 - self.header["slot"])
         self.io.pwrite(bytes(self.al_bytes), off)
         assert p.endian == "little"
         self.io.pwrite(memoryview(p), off + self.al_bytes)  # no copy of a large P
         self.io.sync()
-        self.write_header(slot=new_slot, **fields)
 
     def write_header(self, **fields: Any) -> None:
         h = dict(self.header, **fields)
@@ -162,10 +179,13 @@ class StateFile:
         self.io.sync()
 
     def log_extent(self, al: bitarray, extent: int) -> None:
-        """Write the log block holding ``extent``'s bit (already set in ``al``), sync."""
+        """Write the log block holding ``extent``'s bit, set, and the rest of ``al``'s bits in
+        that block, sync. ``al`` itself is not changed: its bit is set by the caller once
+        this has returned (a log entry protects only once it is durable)."""
         blk = extent // 8 // BLOCK * BLOCK  # byte offset of its block in the log
-        data = _padded(al[blk * 8:(blk + BLOCK) * 8], BLOCK)  # only that block: a guest waits
-        self.io.pwrite(data, self._slot_off(self.header["slot"]) + blk)
+        bits = al[blk * 8:(blk + BLOCK) * 8]  # only that block (a copy): a guest waits
+        bits[extent - blk * 8] = 1
+        self.io.pwrite(_padded(bits, BLOCK), self._slot_off(self.header["slot"]) + blk)
         self.io.sync()
 
 
@@ -208,8 +228,11 @@ class StateFileLost(OSError):
 class ActivityLog:
     """The in-memory side of the state file, used by the mirror's write path.
 
-    ``p`` is the P that is on disk (or being written by a running checkpoint, which is
-    safe: see the module docstring), ``al`` the extents logged in the current slot."""
+    Invariant 8: what protects a guest write is what is *on disk*. ``p`` is the P that
+    is on disk (while a checkpoint writes a new one: that new P), ``al`` the extents whose
+    log entries in the current slot are durable. A bit is set in ``al`` only once its
+    block is synced; a writer into an extent being logged finds it not covered and waits
+    for the lock, which the logging writer holds until the sync returned."""
 
     def __init__(self, sf: StateFile, p: bitarray, granularity: int, extent_bytes: int,
                  run_sync: Any = None) -> None:
@@ -220,17 +243,30 @@ class ActivityLog:
         self.ext_shift = (extent_bytes // granularity).bit_length() - 1  # chunks -> extent
         self.lock = trio.Lock()
         self._run_sync = run_sync or trio.to_thread.run_sync
+        # While a checkpoint is being written: the log of the slot still on disk. Until the
+        # header switch a crash leaves the old slot, after it the new one, so only what
+        # both cover is safe: the new P and the old log (the old P is gone from memory).
+        self._old_al: bitarray | None = None
         self.al_writes = 0
         self.checkpoints = 0
 
     def covers(self, a: int, b: int) -> bool:
         """Is every chunk in [a, b) safe on disk already? (hot path: no I/O)"""
+        old_al = self._old_al
+        if old_al is not None:
+            return self._p_covers(a, b) and self._al_covers(old_al, a, b)
+        return self._p_covers(a, b) or self._al_covers(self.al, a, b)
+
+    def _p_covers(self, a: int, b: int) -> bool:
         if b == a + 1:
-            return bool(self.p[a] or self.al[a >> self.ext_shift])
-        if self.p.count(1, a, b) == b - a:
-            return True
+            return bool(self.p[a])
+        return self.p.count(1, a, b) == b - a
+
+    def _al_covers(self, al: bitarray, a: int, b: int) -> bool:
         ea, eb = a >> self.ext_shift, ((b - 1) >> self.ext_shift) + 1
-        return self.al.count(1, ea, eb) == eb - ea
+        if eb == ea + 1:
+            return bool(al[ea])
+        return al.count(1, ea, eb) == eb - ea
 
     async def log(self, a: int, b: int) -> None:
         """Record the extents of chunks [a, b) on disk before a guest write proceeds."""
@@ -240,8 +276,8 @@ class ActivityLog:
             for e in range(a >> self.ext_shift, ((b - 1) >> self.ext_shift) + 1):
                 lo, hi = max(a, e << self.ext_shift), min(b, (e + 1) << self.ext_shift)
                 if not self.al[e] and self.p.count(1, lo, hi) < hi - lo:
-                    self.al[e] = 1
                     await self._run_sync(self.sf.log_extent, self.al, e)
+                    self.al[e] = 1  # durable now: from here it protects other writers
                     self.al_writes += 1
 
     async def checkpoint(self, fill: Callable[[bitarray], None], **fields: Any) -> None:
@@ -251,42 +287,63 @@ class ActivityLog:
         that is 32 MiB for 16 TiB), under the lock, so no write can slip between it and the
         switch to the new log. P must never say "clean" about a chunk whose copy is still
         only in a cache: the caller flushed both images first, or (the first checkpoint,
-        before any guest write) ``fill`` counts everything written since as dirty."""
+        before any guest write) ``fill`` counts everything written since as dirty.
+
+        A failure before the header write leaves the old slot on disk and the old log in
+        memory; a failure of the header write itself leaves the disk unknown (either
+        header may win at the next open): StateFileLost, the caller stops trusting it."""
         async with self.lock:
             old_al = self.al.copy()
-            fill(self.p)
-            # From here, writes not covered by the new P need a log entry in the new slot:
-            # they queue on the lock. Writes covered by it skip the log: safe once this P is
-            # on disk, and made safe below if it never gets there.
-            self.al.setall(0)
+            self._old_al = old_al
             try:
-                await self._run_sync(lambda: self.sf.write_checkpoint(self.p, **fields))
-            except BaseException:
-                self._undo(old_al)
-                raise
+                fill(self.p)
+                # Writes not covered by both slots wait for the lock and log in the new one.
+                self.al.setall(0)
+                try:
+                    await self._run_sync(self.sf.write_slot, self.p)
+                except BaseException:
+                    self.p.setall(0)  # the old P is gone from memory: empty is the safe
+                    self.al = old_al  # stand-in (every uncovered write logs first)
+                    raise
+                try:
+                    await self._run_sync(lambda: self.sf.write_header(
+                        slot=1 - self.sf.header["slot"], **fields))
+                except OSError as e:
+                    raise StateFileLost(e.errno, "cannot switch the state file's header: "
+                                        f"{e.strerror or e}") from e
+            finally:
+                self._old_al = None
             self.checkpoints += 1
 
-    def _undo(self, old_al: bitarray) -> None:
-        """A checkpoint failed: the header still names the old slot, whose P and log are what
-        is on disk. Guest writes may have skipped the log because the new P covered them:
-        every extent of the new P goes into the old log, on disk, before anything else
-        (else a crash would forget them). The new P is dropped from memory; an empty one is
-        the safe stand-in (every write to an extent not in the log logs it first). Raises
-        StateFileLost if the log cannot be written: the state file cannot be trusted."""
-        for value, a, b in intervals(self.p):
-            if value:
-                old_al[a >> self.ext_shift:((b - 1) >> self.ext_shift) + 1] = 1
-        self.p.setall(0)
-        self.al = old_al
-        try:
-            self.sf.write_log(self.al)  # small and rare: inline, also when cancelled
-        except OSError as e:
-            raise StateFileLost(e.errno, f"cannot write the activity log: "
-                                f"{e.strerror or e}") from e
-
     async def set_fields(self, **fields: Any) -> None:
+        """Write the header with ``fields`` changed. A failed header write leaves the disk
+        unknown: StateFileLost."""
         async with self.lock:
-            await self._run_sync(lambda: self.sf.write_header(**fields))
+            try:
+                await self._run_sync(lambda: self.sf.write_header(**fields))
+            except OSError as e:
+                raise StateFileLost(e.errno, "cannot write the state file's header: "
+                                    f"{e.strerror or e}") from e
+
+
+def remove_durably(path: str) -> bool:
+    """Unlink ``path`` and sync its directory: a state file that is dropped must not come
+    back after a power loss. False if it could not be removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def remove_quietly(path: str) -> None:
@@ -305,11 +362,14 @@ class ResumePlan:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def plan_resume(sf: StateFile, source: dict[str, Any], target: dict[str, Any]) -> ResumePlan:
+def plan_resume(sf: StateFile, source: dict[str, Any], target: dict[str, Any],
+                sync: str | None = None, granularity: int | None = None) -> ResumePlan:
     """Decide from the state file alone (pure: no I/O but reading it) whether and how a
     job resumes. ``source`` and ``target`` are the images' identities now (``identity``
-    plus path and size). Raises StateError, with the reason, where resuming would be
-    unsafe and starting anew could overwrite the live image."""
+    plus path and size); ``sync`` and ``granularity`` what the new mount asks for. Raises
+    StateError, with the reason, where resuming would be unsafe or not what was asked
+    (a saved bitmap covers what its own sync mode needs, not another's) and starting anew
+    could overwrite the live image."""
     h = sf.header
     for what, now, saved in (("source", source, h.get("source", {})),
                              ("target", target, h.get("target", {}))):
@@ -332,6 +392,10 @@ def plan_resume(sf: StateFile, source: dict[str, Any], target: dict[str, Any]) -
     if phase in ("cancelled", "failed"):
         return ResumePlan(None, h["granularity"],
                           f"the previous job {phase}: starting a new one")
+    if sync is not None and h.get("sync", sync) != sync:
+        raise StateError(f"the saved job in {sf.path} runs with --sync {h.get('sync')}, not "
+                         f"{sync}: remount with --sync {h.get('sync')} to resume it, or use "
+                         "--fresh to start a new mirror")
     al, p = sf.read_slot()
     shift = (h["extent_bytes"] // h["granularity"]).bit_length() - 1
     for e in al.search(1):
@@ -339,5 +403,9 @@ def plan_resume(sf: StateFile, source: dict[str, Any], target: dict[str, Any]) -
     clean = bool(h.get("clean"))
     nbytes = p.count(1) * h["granularity"]
     how = "a clean stop" if clean else "a crash"
-    return ResumePlan(p, h["granularity"], f"resuming the job after {how}: {nbytes} bytes "
-                      "to copy", {"clean_stop": clean, "resumed_bytes": nbytes})
+    note = f"resuming the job after {how}: {nbytes} bytes to copy"
+    if granularity is not None and granularity != h["granularity"]:
+        # the saved bitmap is in its own chunks: the job keeps them, and says so
+        note += f" (at the saved job's granularity {h['granularity']}, not {granularity})"
+    return ResumePlan(p, h["granularity"], note, {"clean_stop": clean,
+                                                  "resumed_bytes": nbytes})

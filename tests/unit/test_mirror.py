@@ -61,11 +61,11 @@ class FaultyImage(FileImage):
         self.writes.append((offset, len(data)))
         return super().pwrite(data, offset)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, cheap_only: bool = False) -> bool:
         err = self.fail_write(offset, length)
         if err:
             raise OSError(err, os.strerror(err))
-        super().write_zeroes(offset, length)
+        return super().write_zeroes(offset, length, cheap_only)
 
     def copy_in(self, src: FileImage, offset: int, length: int) -> bool:
         # Tests that inject read or write faults, or hold writes, get the buffer path, whose
