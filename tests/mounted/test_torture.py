@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, MirrorFactory, assert_same, make_image
-from writers import WriterPool, check_source_at_pivot, describe_byte, first_diff, replay
+from writers import (
+    WriterPool,
+    check_source_at_pivot,
+    describe_byte,
+    first_diff,
+    replay,
+    require_fallocates,
+)
 
 SIZE = 32 * MiB
 _env_seed = os.environ.get("MIRRORFS_TORTURE_SEED")
@@ -49,7 +56,7 @@ def test_writers_through_the_pivot(seed: int, tmp_path: Path, mirrorfs: MirrorFa
     # 5 writers at 800 KiB/s: 4 MiB/s in all, so that the background copy converges
     pool = WriterPool(m.img, tmp_path / "writers.lock", seed, SIZE, threads=3, procs=2,
                       workdir=str(tmp_path), min_len=512, max_len=4 * MiB, fsync_prob=0.05,
-                      falloc_prob=0.05, pace_bps=800 << 10)
+                      falloc_prob=0.1, pace_bps=800 << 10)
     pool.start(odirect_threads=1)
     try:
         # ------------------------------------------------ complete at a random moment
@@ -105,6 +112,7 @@ def test_writers_through_the_pivot(seed: int, tmp_path: Path, mirrorfs: MirrorFa
     finally:
         pool.stop()
     assert not pool.errors, f"writer errors {replay_hint}: {pool.errors}"
+    require_fallocates(pool, src)  # punch-holes and zero-ranges were among the writes
     recs = pool.records
     pre = sum(r.t1 < t_issue for r in recs)
     post = sum(r.t0 > t_seen for r in recs)

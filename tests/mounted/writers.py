@@ -35,6 +35,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -115,6 +116,45 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def falloc_unsupported(directory: str | os.PathLike[str]) -> list[str]:
+    """The fallocate modes (``FALLOC_MODES`` keys) that the filesystem of ``directory``
+    refuses with EOPNOTSUPP, probed on a scratch file there."""
+    missing = []
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".falloc-probe")
+    try:
+        os.pwrite(fd, bytes(64 * KiB), 0)
+        for kind, mode in FALLOC_MODES.items():
+            try:
+                fallocate(fd, mode, 4 * KiB, 8 * KiB)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                missing.append(kind)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return missing
+
+
+def require_fallocates(pool: WriterPool, source: str | os.PathLike[str]) -> None:
+    """For a test whose writers make fallocates: some of each kind returned successfully.
+    A fallocate refused through the mount (EOPNOTSUPP) fails the test when the filesystem
+    of the image's ``source`` supports that mode (the mount must pass it through), and
+    skips the test, saying why, when that filesystem does not."""
+    import pytest  # only the tests need it, not a writer process
+
+    if pool.unsupported:
+        missing = falloc_unsupported(os.path.dirname(os.path.abspath(source)))
+        if missing:
+            pytest.skip(f"the source's filesystem does not support fallocate "
+                        f"{' and '.join(missing)} (p: punch hole, z: zero range), which this "
+                        f"test needs: {pool.unsupported[0]}")
+        raise AssertionError(f"the mount refused a fallocate that the source's filesystem "
+                             f"supports: {pool.unsupported}")
+    made = pool.fallocates()
+    assert all(made.values()), f"the writers made too few fallocates to test them: {made}"
+
+
 def _lock(fd: int, offset: int, length: int, ltype: int) -> None:
     arg = struct.pack(_FLOCK, ltype, os.SEEK_SET, offset, length, 0)
     while True:
@@ -126,9 +166,16 @@ def _lock(fd: int, offset: int, length: int, ltype: int) -> None:
 
 
 def run_writer(image: str, lockfile: str, spec: WriterSpec, stop: threading.Event,
-               records: list[WriteRec], errors: list[str]) -> None:
+               records: list[WriteRec], errors: list[str],
+               failed: list[WriteRec] | None = None,
+               unsupported: list[str] | None = None) -> None:
     """Write until ``stop`` is set; append a record per completed write. Never raises: an I/O
-    error is recorded in ``errors`` and ends this writer."""
+    error is recorded in ``errors`` and ends this writer, and the write that failed goes to
+    ``failed`` (t1: when it failed): it may have landed, whole or in part (a crash). A
+    fallocate refused with EOPNOTSUPP is reported in ``unsupported`` and ends this writer's
+    fallocates of that kind (see ``require_fallocates``)."""
+    failed = failed if failed is not None else []
+    unsupported = unsupported if unsupported is not None else []
     # The stop request (SIGTERM) is for the main thread: no FUSE request of ours is ever
     # interrupted by it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -139,21 +186,24 @@ def run_writer(image: str, lockfile: str, spec: WriterSpec, stop: threading.Even
     buf = mmap.mmap(-1, 1 * MiB) if spec.odirect else None  # page aligned, for O_DIRECT
     what = f"writer {spec.writer}{' (O_DIRECT)' if spec.odirect else ''}"
     index = 0
-    falloc = spec.falloc_prob > 0 and not spec.odirect
+    kinds = "pz" if spec.falloc_prob > 0 and not spec.odirect else ""
     try:
         while not stop.is_set():
             off, n = spec.choose(rnd)
-            if falloc and rnd.random() < spec.falloc_prob:
-                kind = rnd.choice("pz")
+            if kinds and rnd.random() < spec.falloc_prob:
+                kind = rnd.choice(kinds)
                 _lock(lfd, off, n, fcntl.F_WRLCK)
                 t0 = time.monotonic_ns()
                 try:
                     fallocate(fd, FALLOC_MODES[kind], off, n)
                     t1 = time.monotonic_ns()
                 except OSError as e:
-                    if e.errno == errno.EOPNOTSUPP:  # a FUSE library without fallocate
-                        falloc = False
+                    if e.errno == errno.EOPNOTSUPP:  # said so, never silently
+                        unsupported.append(f"{what}: fallocate({kind}, {off}, {n}): {e}")
+                        kinds = kinds.replace(kind, "")
                         continue
+                    failed.append(WriteRec(t0, time.monotonic_ns(), spec.writer, index, off,
+                                           n, kind))
                     errors.append(f"{what}: fallocate({kind}, {off}, {n}): {e}")
                     return
                 finally:
@@ -178,6 +228,7 @@ def run_writer(image: str, lockfile: str, spec: WriterSpec, stop: threading.Even
                     done += w
                 t1 = time.monotonic_ns()
             except OSError as e:
+                failed.append(WriteRec(t0, time.monotonic_ns(), spec.writer, index, off, n))
                 errors.append(f"{what}: pwrite({off}, {n}): {e}")
                 return
             finally:
@@ -197,7 +248,10 @@ def run_writer(image: str, lockfile: str, spec: WriterSpec, stop: threading.Even
         if buf is not None:
             buf.close()
         os.close(lfd)
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError as e:  # the flush at close, on a mount whose daemon was killed
+            errors.append(f"{what}: close: {e}")
 
 
 # ====================================================================== a pool of writers
@@ -214,6 +268,8 @@ class WriterPool:
         self.spec_kw = spec_kw
         self.records: list[WriteRec] = []
         self.errors: list[str] = []
+        self.failed: list[WriteRec] = []  # writes that failed: they may have landed in part
+        self.unsupported: list[str] = []  # fallocates refused with EOPNOTSUPP
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._procs: list[tuple[int, object, str]] = []
@@ -229,7 +285,8 @@ class WriterPool:
             spec = self.spec(i, odirect=i < odirect_threads)
             t = threading.Thread(target=run_writer, daemon=True, name=f"writer{i}",
                                  args=(self.image, self.lockfile, spec, self._stop,
-                                       self.records, self.errors))
+                                       self.records, self.errors, self.failed,
+                                       self.unsupported))
             t.start()
             self._threads.append(t)
         for j in range(self.nprocs):
@@ -273,17 +330,24 @@ class WriterPool:
                 continue
             self.records += [WriteRec(*r) for r in doc["records"]]
             self.errors += doc["errors"]
+            self.failed += [WriteRec(*r) for r in doc["failed"]]
+            self.unsupported += doc["unsupported"]
             if rc != 0 and not doc["errors"]:
                 self.errors.append(f"writer process {w} exited with status {rc}")
+
+    def fallocates(self) -> dict[str, int]:
+        """How many punch-holes (``p``) and zero-ranges (``z``) returned successfully."""
+        return {k: sum(r.kind == k for r in self.records) for k in "pz"}
 
     def summary(self) -> str:
         n = len(self.records)
         nbytes = sum(r.length for r in self.records if r.kind == "w")
-        nfalloc = sum(r.kind != "w" for r in self.records)
+        made = self.fallocates()
         per: dict[int, int] = {}
         for r in self.records:
             per[r.writer] = per.get(r.writer, 0) + 1
-        return (f"{n} writes ({nfalloc} of them punch-hole/zero-range), {nbytes / MiB:.1f} MiB, "
+        return (f"{n} writes ({made['p']} of them punch-holes, {made['z']} zero-ranges), "
+                f"{nbytes / MiB:.1f} MiB, "
                 f"per writer {dict(sorted(per.items()))}")
 
 
@@ -423,14 +487,19 @@ def _main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     records: list[WriteRec] = []
     errors: list[str] = []
+    failed: list[WriteRec] = []
+    unsupported: list[str] = []
     t = threading.Thread(target=run_writer, daemon=True,
-                         args=(a.image, a.lockfile, spec, stop, records, errors))
+                         args=(a.image, a.lockfile, spec, stop, records, errors, failed,
+                               unsupported))
     t.start()
     while t.is_alive():
         t.join(0.1)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"records": [dataclasses.astuple(r) for r in records], "errors": errors}, f)
+        json.dump({"records": [dataclasses.astuple(r) for r in records], "errors": errors,
+                   "failed": [dataclasses.astuple(r) for r in failed],
+                   "unsupported": unsupported}, f)
     os.rename(tmp, a.out)
     return 1 if errors else 0
 
