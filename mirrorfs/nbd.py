@@ -959,9 +959,11 @@ class NBDImage:
     # qemu-nbd does NOT: its client_close() shuts the socket down at once and lets the
     # requests already in its block layer finish afterwards, so there a write can land
     # after the EOF. No NBD request can fence that from the client (a flush on the new
-    # connection does not wait for another connection's writes); in practice a later
-    # write of the same range queues behind it in the same file, but nothing promises it
-    # (test_a_server_that_closes_before_its_requests_end_is_not_fenced documents the gap).
+    # connection does not wait for another connection's writes): whether a later write
+    # of the same range lands after it is then up to qemu's block layer and the storage
+    # below (test_a_server_that_closes_before_its_requests_end_is_not_fenced shows the
+    # gap); there the fence only makes the new connection wait until qemu has seen the
+    # old one end.
     # If the wait for the server's close ends without it (TCP gave up on the host), the
     # export's content is in doubt for good: reconnect() refuses from then on.
     async def _fence(self, old: _Conn) -> None:
