@@ -12,15 +12,19 @@ from conftest import (
     MiB,
     MirrorFactory,
     Mount,
-    alive,
     assert_same,
+    kill9,
     make_image,
     mounted,
     run_mirrorfs,
 )
 from loadgen import Writers
+from writers import WriteRec, WriterPool, check_source_at_pivot, first_diff, replay
+
+from mirrorfs.state import StateFile
 
 SIZE = 64 * MiB
+EXTENT = 4 * MiB  # the activity log's extent (state.py's default)
 
 
 def started_event(m: Mount) -> dict[str, object]:
@@ -29,19 +33,49 @@ def started_event(m: Mount) -> dict[str, object]:
     return ev[0]
 
 
-def kill9(m: Mount) -> None:
-    assert m.pid
-    os.kill(m.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(m.pid) and time.monotonic() < deadline:
+def saved_header(state: Path) -> tuple[int, int]:
+    """(seq, slot) of the state file's newest valid header, read as the next mount reads it."""
+    sf = StateFile.open(str(state))
+    try:
+        return int(sf.header["seq"]), int(sf.header["slot"])
+    finally:
+        sf.close()
+
+
+def wait_for_two_checkpoints(state: Path, timeout: float = 30) -> None:
+    """Until two checkpoints (switches of the state file's slot) have ended since the call.
+    The first may have begun before the call; the second began after the first had ended,
+    so its snapshot of what may differ was taken after the call: what the test observed
+    before the call bounds what the state file names (with what was written since)."""
+    seq, slot = saved_header(state)
+    switches = 0
+    deadline = time.monotonic() + timeout
+    while switches < 2:
+        assert time.monotonic() < deadline, f"fewer than two checkpoints in {timeout} s"
         time.sleep(0.02)
+        s, sl = saved_header(state)
+        if s > seq:
+            switches += sl != slot
+            seq, slot = s, sl
 
 
-def finish_and_compare(mirrorfs: MirrorFactory, m: Mount) -> dict[str, object]:
-    """Remount after a stop or crash, check what the resumed job copies, complete, cmp."""
+def extents_bytes(recs: list[WriteRec]) -> int:
+    """The bytes of the activity log's extents that the writes touched."""
+    touched: set[int] = set()
+    for r in recs:
+        touched.update(range(r.offset // EXTENT, (r.offset + r.length - 1) // EXTENT + 1))
+    return len(touched) * EXTENT
+
+
+def finish_and_compare(mirrorfs: MirrorFactory, m: Mount,
+                       max_resumed: int) -> dict[str, object]:
+    """Remount after a stop or crash, check what the resumed job copies (at most
+    ``max_resumed`` bytes: what remained at the stop), complete, cmp."""
     r = mirrorfs.mount(m.src, m.tgt, mnt=m.mnt)
     ev = started_event(r)
     assert ev["resumed"] is True, ev
+    assert 0 < int(ev["resumed_bytes"]) <= max_resumed, (  # type: ignore[call-overload]
+        f"the resumed job names more than the {max_resumed} bytes left at the stop: {ev}")
     r.wait("ready", timeout=60)
     copied = r.status()["copied_bytes"]
     assert copied <= int(ev["resumed_bytes"]), (  # type: ignore[call-overload]
@@ -57,12 +91,14 @@ def test_clean_stop_resumes_where_it_stopped(tmp_path: Path, mirrorfs: MirrorFac
     src = make_image(tmp_path / "disk.img", SIZE)
     m = mirrorfs.mount(src, None, "--speed", "16M")
     time.sleep(1.5)
+    left = m.status()["remaining_bytes"]  # the copier goes on until the stop: no more left
     m.umount()  # the job is not finished: its exact bitmap is saved
     assert (tmp_path / "disk.target.img.mirrorfs").exists()
     r = mirrorfs.mount(src, m.tgt, mnt=m.mnt)
     ev = started_event(r)
     assert ev["resumed"] is True and ev["clean_stop"] is True
     assert 0 < int(ev["resumed_bytes"]) <= SIZE - 16 * MiB, ev  # type: ignore[call-overload]
+    assert int(ev["resumed_bytes"]) <= left, (left, ev)  # type: ignore[call-overload]
     r.wait("ready")
     r.command("complete")
     r.wait("completed")
@@ -77,6 +113,7 @@ def test_sigterm_is_a_clean_stop(tmp_path: Path, mirrorfs: MirrorFactory) -> Non
     w = Writers(m.img, model, threads=2, seed=2).start()
     time.sleep(1)
     w.stop()
+    left = m.status()["remaining_bytes"]  # no write after this: the most a stop can leave
     assert m.pid
     os.kill(m.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -84,7 +121,7 @@ def test_sigterm_is_a_clean_stop(tmp_path: Path, mirrorfs: MirrorFactory) -> Non
         time.sleep(0.05)
     assert not mounted(m.mnt), "SIGTERM did not unmount"
     assert bytes(model) == src.read_bytes(), "a guest write was lost at SIGTERM"
-    ev = finish_and_compare(mirrorfs, m)
+    ev = finish_and_compare(mirrorfs, m, max_resumed=left)
     assert ev["clean_stop"] is True
 
 
@@ -92,28 +129,56 @@ def test_sigterm_is_a_clean_stop(tmp_path: Path, mirrorfs: MirrorFactory) -> Non
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_never_loses_a_difference(tmp_path: Path, mirrorfs: MirrorFactory,
                                           moment: str, seed: int) -> None:
+    """SIGKILL during the bulk copy, in ready under writes, or right after ``complete``; the
+    next mount resumes. The source holds every acknowledged write (a model of them), the
+    resumed job copies no more than the state file can name since its last checkpoint, and
+    it brings the target up to the source byte for byte."""
     rnd = random.Random(seed)
     src = make_image(tmp_path / "disk.img", SIZE)
-    model = bytearray(src.read_bytes())
+    initial = src.read_bytes()
     m = mirrorfs.mount(src, None, "--speed", "16M", "--granularity", "16K",
-                       "--checkpoint-interval", "2")
+                       "--checkpoint-interval", "1")
+    state = Path(str(m.tgt) + ".mirrorfs")
     # a hot region, as a guest has: the activity log covers its extents, not the disk
-    w = Writers(m.img, model, threads=3, seed=seed, max_size=512 << 10,
-                region=(20 * MiB, 32 * MiB)).start()
+    pool = WriterPool(m.img, tmp_path / "w.lock", seed, SIZE, threads=3, procs=0,
+                      workdir=str(tmp_path), min_len=512, max_len=512 << 10,
+                      fsync_prob=0.02, hot=(20 * MiB, 32 * MiB), hot_prob=1.0)
+    pool.start()
     if moment == "bulk":
-        time.sleep(4 + rnd.random())  # a checkpoint (every 2 s, then fsyncs) happened
+        time.sleep(2 + rnd.random())
+        m.command("speed 1M")  # from here the copy crawls: the crash is in the bulk copy
+        # What the state file can name from here on: what is left now, and what is written.
+        left = m.status()["remaining_bytes"]
+        assert left < SIZE - 16 * MiB, f"the copy made no progress: {m.status()}"
     else:
         m.command("speed 0")
         m.wait("ready", timeout=60)
-        time.sleep(1 + rnd.random() * 2)  # ready is saved within about 0.5 s
+        left = 0  # what may differ from now on was written after this
+    wait_for_two_checkpoints(state)
+    time.sleep(rnd.random())
+    if moment == "bulk":
+        st = m.status()
+        assert st["state"] == "copying" and not st["ready"], st
     if moment == "complete":
-        w.stop()
+        pool.stop()
         m.command("complete")
         time.sleep(rnd.random() * 0.05)
+    t_kill = time.monotonic_ns()
     kill9(m)
-    w.stop(allow_errors=True)  # writes in flight at the crash fail with ENOTCONN
+    t_dead = time.monotonic_ns()
+    pool.stop()  # writes in flight at the crash fail
     # ENOTCONN / ECONNABORTED: the daemon is gone; anything else would be a real error
-    assert all("[Errno 107]" in e or "[Errno 103]" in e for e in w.errors), w.errors
+    assert all("[Errno 107]" in e or "[Errno 103]" in e for e in pool.errors), pool.errors
+    writes = pool.records + pool.failed
+    assert len(pool.records) > 20, pool.summary()
+    # Every acknowledged write is in the source; a write the crash cut short may be there in
+    # whole, in part or not at all (each byte is the old one or the write's).
+    problem = check_source_at_pivot(initial, src.read_bytes(), writes, seed, t_kill, t_dead)
+    assert problem is None, f"the source after the crash: {problem}"
+    if not pool.failed:  # nothing was cut short: the model is exact
+        expect = tmp_path / "model.img"
+        expect.write_bytes(replay(initial, pool.records, seed))
+        assert_same(expect, src)
     # The crash leaves a dead mount; the next mount cleans it up and says so.
     r = run_mirrorfs("mount", str(src), str(m.tgt), str(m.mnt))
     if r.returncode != 0:
@@ -127,17 +192,22 @@ def test_sigkill_never_loses_a_difference(tmp_path: Path, mirrorfs: MirrorFactor
     mirrorfs.mounts.append(r2)
     ev = started_event(r2)
     assert ev["resumed"] is True and ev["clean_stop"] is False
-    if moment != "complete":
-        assert int(ev["resumed_bytes"]) < SIZE, (  # type: ignore[call-overload]
-            f"a crash after a checkpoint must not recopy everything: {ev}")
+    # No full recopy: the last checkpoint began after ``left`` was measured, so the state
+    # file names at most that and the extents the writes touched (3 of the disk's 16).
+    bound = left + extents_bytes(writes)
+    resumed = int(ev["resumed_bytes"])  # type: ignore[call-overload]
+    assert resumed <= bound, (f"a crash after a checkpoint must not recopy more than what was "
+                              f"left then and the extents written since ({bound}): {ev}")
     r2.wait("ready", timeout=60)
     copied = r2.status()["copied_bytes"]
-    assert copied <= int(ev["resumed_bytes"]), ev  # type: ignore[call-overload]
+    assert copied <= resumed, ev
     r2.command("complete")
     r2.wait("completed")
     r2.umount()
-    # Every acknowledged write is in the source, and the resumed job brought the target
-    # up to it: nothing the crash left different was missed.
+    # The resumed job brought the target up to the source: nothing the crash left different
+    # was missed.
+    bad = first_diff(src.read_bytes(), m.tgt.read_bytes())
+    assert bad is None, f"the target misses a difference at byte {bad} ({ev})"
     assert_same(src, m.tgt)
 
 
