@@ -7,8 +7,11 @@ runs (throttled with --speed so that it is still running when fio ends). fio's o
 read-back verification must pass through the mount; after ``complete``, fio's verify-only
 pass (same jobs, same seed, so the same blocks) must pass on the TARGET file directly. The
 check is shown able to fail: one flipped byte in a copy of the target fails it.
-``qemu-img compare`` checks source against target after a completed job and after a cancel
-in ready (a point-in-time copy). Queue-depth-1 I/O with pauses runs through the adaptive
+``qemu-img compare`` checks source against target after a completed job. A cancel in ready
+drains fio's backlog while writers keep writing beside fio's region: the target must be the
+disk as it was when the cancel ended (writes acknowledged while it drained are in it, writes
+begun after it are not), fio's verify-only passes on it, and later writes reach the source
+only. Queue-depth-1 I/O with pauses runs through the adaptive
 poll's every path (a request caught by the poll, a poll that gives up, the epoll wait), with
 polling off, at the default and at its maximum. Large writes at queue depth 16, mixed with
 small ones, run through the write read-ahead (requests received on the helper thread while
@@ -19,13 +22,16 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import MiB, MirrorFactory, Mount, assert_same, make_image
+from writers import WriterPool, check_source_at_pivot, replay
 
 SIZE = 32 * MiB
 FIO_REGION = 4 * MiB  # per job; four jobs: [0, 16 MiB)
+FIO_END = 4 * FIO_REGION
 
 pytestmark = pytest.mark.skipif(shutil.which("fio") is None or shutil.which("qemu-img") is None,
                                 reason="fio and qemu-img (scripts/setup.sh installs them)")
@@ -137,33 +143,72 @@ def test_fio_verify_during_bulk_copy_then_on_target(tmp_path: Path,
 
 def test_qemu_img_compare_after_cancel_in_ready(tmp_path: Path,
                                                 mirrorfs: MirrorFactory) -> None:
-    """A soft cancel in ready leaves a point-in-time copy: the target equals the source as
-    it was at the cancel, and later writes reach the source only."""
+    """A soft cancel in ready leaves a point-in-time copy: the target is the disk as it was
+    when the cancel ended. Writers keep writing while the cancel drains fio's backlog:
+    what they had acknowledged before the cancel ended is in the copy, what they began
+    after it is not, and every write is in the source."""
+    seed = 777
     src = make_image(tmp_path / "disk.img", SIZE)
-    jobfile = write_jobfile(tmp_path / "verify.fio", seed=777)
+    jobfile = write_jobfile(tmp_path / "verify.fio", seed=seed)
     m = mirrorfs.mount(src, None)
     m.wait("ready")
     m.command("speed 4M")  # fio's writes build up a backlog that the cancel must drain
     fio_ok(fio(jobfile, m.img), "write+verify through the mount in ready")
     st = m.status()
     assert st["state"] == "ready"
-    m.command("cancel")
-    st = m.wait("cancelled")
+    assert st["remaining_bytes"] > 8 * MiB, f"no backlog for the cancel to drain: {st}"
+    initial = src.read_bytes()  # the source holds every acknowledged write
+    # writers in [16 MiB, 32 MiB), beside fio's region, before, during and after the drain
+    pool = WriterPool(m.img, tmp_path / "w.lock", seed, SIZE, threads=2, procs=0,
+                      workdir=str(tmp_path), min_len=512, max_len=256 << 10,
+                      fsync_prob=0.05, hot=(FIO_END, SIZE), hot_prob=1.0, pace_bps=2 * MiB)
+    pool.start()
+    try:
+        time.sleep(0.3)
+        t_cmd = time.monotonic_ns()
+        m.command("cancel")
+        # t_drain: just before the last status that still said cancelling (what was
+        # acknowledged before it is in the copy); t_end: once it said cancelled
+        t_drain = None
+        while True:
+            t = time.monotonic_ns()
+            st = m.status()
+            if st["state"] == "cancelled":
+                t_end = time.monotonic_ns()
+                break
+            assert st["state"] == "cancelling", st
+            t_drain = t
+            time.sleep(0.01)
+        time.sleep(0.3)  # writes after the cancel: the source only
+    finally:
+        pool.stop()
+    assert not pool.errors, pool.errors
     assert st["target_consistent"] is True and st["serving"] == "source"
-    snapshot = tmp_path / "at-cancel.img"
-    shutil.copyfile(src, snapshot)
-    with open(m.img, "r+b") as f:  # after the cancel: the source only
-        f.seek(20 * MiB + 4096)
+    assert t_drain is not None, "the cancel never drained"
+    recs = pool.records
+    drained = sum(t_cmd < r.t0 and r.t1 < t_drain for r in recs)
+    after = sum(r.t0 > t_end for r in recs)
+    assert drained > 0 and after > 0, \
+        f"{drained} writes during the cancel's drain, {after} after it: {pool.summary()}"
+    later = 8 * MiB + 4096  # in fio's region, after the cancel: the source only
+    with open(m.img, "r+b") as f:
+        f.seek(later)
         f.write(b"written after the cancel")
     m.umount()
 
-    r = qemu_img_compare(snapshot, m.tgt)
-    assert r.returncode == 0, f"target is not the point-in-time copy: {r.stdout}{r.stderr}"
-    assert_same(snapshot, m.tgt)
+    target = m.tgt.read_bytes()
+    problem = check_source_at_pivot(initial, target, recs, seed, t_drain, t_end)
+    assert problem is None, f"the target is not the disk when the cancel ended: {problem}"
+    expect = replay(initial, recs, seed)
+    expect[later:later + 24] = b"written after the cancel"
+    model = tmp_path / "model.img"
+    model.write_bytes(expect)
+    assert_same(model, src)
+    assert target[:FIO_END] == initial[:FIO_END], "fio's region changed in the target"
     fio_ok(fio(jobfile, m.tgt, "--verify_only"), "verify-only on the cancelled target")
     r = qemu_img_compare(src, m.tgt)
     assert r.returncode == 1, f"a write after the cancel reached the target: {r.stdout}"
-    assert f"offset {20 * MiB + 4096}" in r.stdout, r.stdout  # sector aligned
+    assert f"offset {later}" in r.stdout, r.stdout  # sector aligned
 
 
 QD1_JOB = """\
