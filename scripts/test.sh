@@ -16,9 +16,17 @@ for t in tests/e2e/*.sh; do
 	[ "$(basename "$t")" = lib.sh ] || bash "$t"
 done
 
-if [ -x ../shared/contract/run.sh ]; then
+# The contract lives beside the project (../shared). In CI (CI set, as CI services set it:
+# CI=true) it must run: a missing contract fails the run rather than passing it unchecked.
+contract=../shared/contract/run.sh
+case ${CI:-} in "" | 0 | false | False | FALSE | no) in_ci=false ;; *) in_ci=true ;; esac
+if [ -f "$contract" ]; then
 	echo "=== interface contract (../shared/contract)"
-	../shared/contract/run.sh
+	"$contract"
+elif $in_ci; then
+	echo "=== interface contract: $contract not found; CI=${CI} requires it: FAIL" >&2
+	exit 1
 else
-	echo "=== interface contract: ../shared/contract/run.sh not found, skipped"
+	echo "=== interface contract: $contract not found: SKIPPED (not checked; in CI, with"
+	echo "    CI=true, a missing contract fails the run)"
 fi
