@@ -177,6 +177,33 @@ def kill9(m: Mount, timeout: float = 10) -> None:
     assert mounted(m.mnt), "the crash left no mount: the daemon unmounted as at a clean stop"
 
 
+def saved_header(state: Path) -> tuple[int, int]:
+    """(seq, slot) of a state file's newest valid header, read as the next mount reads it."""
+    from mirrorfs.state import StateFile  # trio and bitarray: only for the tests that ask
+
+    sf = StateFile.open(str(state))
+    try:
+        return int(sf.header["seq"]), int(sf.header["slot"])
+    finally:
+        sf.close()
+
+
+def wait_for_checkpoints(state: Path, n: int, timeout: float = 30) -> None:
+    """Until ``n`` checkpoints (switches of the state file's slot) have ended since the call.
+    The first may have begun before the call; each later one began after the one before had
+    ended, so from the second on, its snapshot of what may differ was taken after the call."""
+    seq, slot = saved_header(state)
+    switches = 0
+    deadline = time.monotonic() + timeout
+    while switches < n:
+        assert time.monotonic() < deadline, f"fewer than {n} checkpoints in {timeout} s"
+        time.sleep(0.02)
+        s, sl = saved_header(state)
+        if s > seq:
+            switches += sl != slot
+            seq, slot = s, sl
+
+
 def _stop(pid: int) -> None:
     for sig, wait in ((None, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         if sig is not None:

@@ -17,11 +17,10 @@ from conftest import (
     make_image,
     mounted,
     run_mirrorfs,
+    wait_for_checkpoints,
 )
 from loadgen import Writers
 from writers import WriteRec, WriterPool, check_source_at_pivot, first_diff, replay
-
-from mirrorfs.state import StateFile
 
 SIZE = 64 * MiB
 EXTENT = 4 * MiB  # the activity log's extent (state.py's default)
@@ -31,32 +30,6 @@ def started_event(m: Mount) -> dict[str, object]:
     ev = [e for e in m.events() if e["event"] == "started"]
     assert len(ev) == 1
     return ev[0]
-
-
-def saved_header(state: Path) -> tuple[int, int]:
-    """(seq, slot) of the state file's newest valid header, read as the next mount reads it."""
-    sf = StateFile.open(str(state))
-    try:
-        return int(sf.header["seq"]), int(sf.header["slot"])
-    finally:
-        sf.close()
-
-
-def wait_for_two_checkpoints(state: Path, timeout: float = 30) -> None:
-    """Until two checkpoints (switches of the state file's slot) have ended since the call.
-    The first may have begun before the call; the second began after the first had ended,
-    so its snapshot of what may differ was taken after the call: what the test observed
-    before the call bounds what the state file names (with what was written since)."""
-    seq, slot = saved_header(state)
-    switches = 0
-    deadline = time.monotonic() + timeout
-    while switches < 2:
-        assert time.monotonic() < deadline, f"fewer than two checkpoints in {timeout} s"
-        time.sleep(0.02)
-        s, sl = saved_header(state)
-        if s > seq:
-            switches += sl != slot
-            seq, slot = s, sl
 
 
 def extents_bytes(recs: list[WriteRec]) -> int:
@@ -154,7 +127,8 @@ def test_sigkill_never_loses_a_difference(tmp_path: Path, mirrorfs: MirrorFactor
         m.command("speed 0")
         m.wait("ready", timeout=60)
         left = 0  # what may differ from now on was written after this
-    wait_for_two_checkpoints(state)
+    # the second began after what the test measured above
+    wait_for_checkpoints(state, 2)
     time.sleep(rnd.random())
     if moment == "bulk":
         st = m.status()
