@@ -179,9 +179,9 @@ def kill9(m: Mount, timeout: float = 10) -> None:
 
 def saved_header(state: Path) -> tuple[int, int]:
     """(seq, slot) of a state file's newest valid header, read as the next mount reads it."""
-    from mirrorfs.state import StateFile  # trio and bitarray: only for the tests that ask
+    from mirrorfs.state import StateFile, StateIO  # trio, bitarray: only for the tests that ask
 
-    sf = StateFile.open(str(state))
+    sf = StateFile.open(str(state), StateIO(os.open(state, os.O_RDONLY | os.O_CLOEXEC)))
     try:
         return int(sf.header["seq"]), int(sf.header["slot"])
     finally:
