@@ -215,6 +215,8 @@ class Mirror:
         self._abandon = False  # cancel force / cancel before ready: stop, copy nothing more
         self._untracked = False  # the job's end (or the pivot) is durable: see ``tracking``
         self._keep_tracking = False  # a stale state file could not be removed (_drop_state)
+        self._pivoting = False  # the pivot's records are being made or undone (_finish)
+        self._reopen_gate = False  # ... and something asked to open the gate meanwhile
         self._paused_from: State | None = None
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -827,10 +829,12 @@ class Mirror:
         """Stop using a state file that cannot be written: remove it, durably (no state
         means no resume: the next mount starts a new job, a full copy). False if it could
         not be removed either: it then still says what it said, and tracking never stops."""
-        assert self.persist is not None
-        path = self.persist.sf.path
+        persist = self.persist
+        if persist is None:  # another task dropped it meanwhile
+            return not self._keep_tracking
+        path = persist.sf.path
         self.persist = None
-        removed = remove_durably(path)
+        removed = remove_durably(path) or persist.sf.void()
         if removed:
             msg = f"cannot write the state file {path} ({e.strerror or e}): the job goes " \
                   "on without one, and a crash now means a full copy"
@@ -867,8 +871,9 @@ class Mirror:
         try:
             if state is State.COMPLETED:
                 return  # recorded before the pivot
-            if state in (State.CANCELLED, State.FAILED):
-                await persist.set_fields(phase=str(state))
+            if state in (State.CANCELLED, State.FAILED) or self._abandon:
+                # (a cancel force that the loop had not acted on yet ends the job too)
+                await persist.set_fields(phase="cancelled" if self._abandon else str(state))
                 return
             # unmounted and the copier stopped: nothing changes the images any more
             await self.checkpoint(phase="running", clean=True, source=source_id,
@@ -938,6 +943,8 @@ class Mirror:
             with trio.move_on_after(self._backoff_until - now):
                 await self._wakeup.wait()
             return
+        if self._backoff_s and not self._busy and not self.bitmap.dirty_chunks:
+            self._backoff_s = 0.0  # nothing left to retry: the error is behind us
         draining = state in (State.COMPLETING, State.CANCELLING)
         if draining and self._gate is None and not self._backoff_s \
                 and self.remaining_bytes <= self.cfg.drain_bytes:
@@ -1368,13 +1375,25 @@ class Mirror:
         if not self._drained(epoch):
             return
         if self.job.state is State.COMPLETING:
-            if not await self._record_pivot():
-                return
-            if not self._drained(epoch):  # not pivoting after all
-                await self._unrecord_pivot()
-                return
-            self.serving = self.target  # from now on the guest's I/O goes to the target
-            self._untracked = True
+            # Shielded: an unmount must not leave the registry and the state file saying
+            # different things. The gate stays closed until the records are made or undone:
+            # no write may be acknowledged on the source while they say the target is live.
+            with trio.CancelScope(shield=True):
+                self._pivoting = True
+                try:
+                    if not await self._record_pivot():
+                        return
+                    if self.job.state is not State.COMPLETING or not self._drained(epoch):
+                        # not pivoting after all (a cancel force, a pause, a loss meanwhile)
+                        await self._unrecord_pivot()
+                        return
+                    self.serving = self.target  # from now on the guest's I/O goes there
+                    self._untracked = True
+                finally:
+                    self._pivoting = False
+                    if self._reopen_gate:
+                        self._reopen_gate = False
+                        self._open_gate()
             self._end(State.COMPLETED, consistent=True)
         elif self.job.state is State.CANCELLING:
             self._end(State.CANCELLED, consistent=True)
@@ -1386,6 +1405,8 @@ class Mirror:
         source over it. False, the job failed, where that cannot be done."""
         try:
             if self._record_pivot_hook is not None:
+                # the source's mtime, which the record names, must be on disk first
+                await self._flush(self.source)
                 await self._run_sync(self._record_pivot_hook)
             if self.persist is not None:
                 await self.persist.set_fields(phase="completed", clean=False)
@@ -1428,6 +1449,9 @@ class Mirror:
         self._open_gate()
 
     def _open_gate(self) -> None:
+        if self._pivoting:  # see _finish: it opens the gate once the records agree
+            self._reopen_gate = True
+            return
         if self._gate is not None:
             gate, self._gate = self._gate, None
             gate.set()

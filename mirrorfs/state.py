@@ -115,7 +115,14 @@ class StateFile:
                                  0o600))
         h = dict(header, magic=MAGIC, version=VERSION, seq=0, slot=0)
         sf = cls(path, io, h)
-        io.truncate(2 * BLOCK + 2 * sf.slot_bytes)
+        try:
+            # with room for every later header: the longest phase, a huge seq
+            _render_header(dict(h, phase="cancelled", seq=10**15, clean=False))
+            io.truncate(2 * BLOCK + 2 * sf.slot_bytes)
+        except BaseException:
+            io.close()
+            remove_durably(path)
+            raise
         return sf
 
     @classmethod
@@ -173,6 +180,17 @@ class StateFile:
         self.io.sync()
         self.header = h
 
+    def void(self) -> bool:
+        """Make the file unusable where it cannot be removed: both header copies zeroed
+        (their blocks were allocated at creation, so no space is needed), synced. A later
+        mount then refuses it ("damaged") instead of resuming from it. False on failure."""
+        try:
+            self.io.pwrite(bytes(2 * BLOCK), 0)
+            self.io.sync()
+        except OSError:
+            return False
+        return True
+
     def write_log(self, al: bitarray) -> None:
         """Write the current slot's whole activity log, sync."""
         self.io.pwrite(_padded(al, self.al_bytes), self._slot_off(self.header["slot"]))
@@ -198,8 +216,8 @@ def _padded(bits: bitarray, nbytes: int) -> bytes:
 def _render_header(h: dict[str, Any]) -> bytes:
     body = json.dumps(h, sort_keys=True).encode()
     line = body + b"\n" + f"{zlib.crc32(body):08x}\n".encode()
-    if len(line) > BLOCK:
-        raise StateError("state header too large")
+    if len(line) > BLOCK:  # an OSError: every writer of the header drops the file then
+        raise StateFileLost(errno.EFBIG, "the state file's header outgrew its block")
     return line + bytes(BLOCK - len(line))
 
 
@@ -251,11 +269,19 @@ class ActivityLog:
         self.checkpoints = 0
 
     def covers(self, a: int, b: int) -> bool:
-        """Is every chunk in [a, b) safe on disk already? (hot path: no I/O)"""
+        """Is every chunk in [a, b) safe on disk already? (hot path: no I/O) Extent by
+        extent: by its log entry, or by P for all of its chunks in the range (as ``log``
+        sees it, or a write across a P-covered and a logged extent would never pass)."""
         old_al = self._old_al
         if old_al is not None:
             return self._p_covers(a, b) and self._al_covers(old_al, a, b)
-        return self._p_covers(a, b) or self._al_covers(self.al, a, b)
+        if self._p_covers(a, b) or self._al_covers(self.al, a, b):
+            return True
+        sh = self.ext_shift
+        for e in range(a >> sh, ((b - 1) >> sh) + 1):
+            if not self.al[e] and not self._p_covers(max(a, e << sh), min(b, (e + 1) << sh)):
+                return False
+        return True
 
     def _p_covers(self, a: int, b: int) -> bool:
         if b == a + 1:
@@ -311,6 +337,10 @@ class ActivityLog:
                 except OSError as e:
                     raise StateFileLost(e.errno, "cannot switch the state file's header: "
                                         f"{e.strerror or e}") from e
+                except BaseException:  # cancelled before the header write began: the
+                    self.p.setall(0)  # old slot is what is on disk, as after a failed
+                    self.al = old_al  # slot write
+                    raise
             finally:
                 self._old_al = None
             self.checkpoints += 1

@@ -134,9 +134,6 @@ async def _until(cond: Callable[[], bool], limit: float = 30) -> None:
 
 
 # ---------------------------------------------------------------------- finding 1
-@pytest.mark.xfail(strict=True, reason="review finding 1: a checkpoint cancelled between "
-                   "its slot and its header forgets the old slot's log, and the next log "
-                   "entry erases it on disk")
 async def test_a_job_end_that_cancels_a_checkpoint_keeps_the_old_log_on_disk(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """run() cancels the checkpointer when the job ends. If that lands while the new slot
@@ -185,9 +182,6 @@ async def test_a_job_end_that_cancels_a_checkpoint_keeps_the_old_log_on_disk(
 
 
 # ---------------------------------------------------------------------- finding 2
-@pytest.mark.xfail(strict=True, reason="review finding 2: covers() and log() disagree on a "
-                   "range that P covers in one extent and the log in the other: the "
-                   "guest's write loops for ever")
 async def test_a_write_across_an_extent_covered_half_by_p_half_by_the_log_goes_through(
         tmp_path: Path) -> None:
     """covers(a, b) asks "P covers all of [a, b)" or "the log covers all its extents";
@@ -227,9 +221,6 @@ async def test_a_write_across_an_extent_covered_half_by_p_half_by_the_log_goes_t
 
 
 # ---------------------------------------------------------------------- finding 3
-@pytest.mark.xfail(strict=True, reason="review finding 3: after an ignored target error "
-                   "that no copy batch follows, _backoff_s is never reset and the drain's "
-                   "gate never closes: complete never finishes on a healthy target")
 async def test_complete_finishes_after_an_ignored_error_that_no_batch_retried(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The gate closes only while ``_backoff_s`` is 0, and only a copy batch that settles
@@ -266,9 +257,6 @@ async def test_complete_finishes_after_an_ignored_error_that_no_batch_retried(
 
 
 # ---------------------------------------------------------------------- finding 4
-@pytest.mark.xfail(strict=True, reason="review finding 4: _drop_state asserts persist is "
-                   "set; a second task whose state-file write fails after another dropped "
-                   "it raises AssertionError: out of run() (the daemon dies)")
 async def test_record_end_after_a_writer_dropped_the_state_file_does_not_kill_the_loop(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The state file's disk fails. A guest write holds the lock while its log entry is
@@ -309,9 +297,6 @@ async def test_record_end_after_a_writer_dropped_the_state_file_does_not_kill_th
     assert src.pread(4096, 0) == b"x" * 4096
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 4: a second writer whose log entry "
-                   "fails after another writer dropped the state file gets AssertionError "
-                   "(EIO to the guest)")
 async def test_two_writers_whose_log_entries_fail_both_succeed(tmp_path: Path) -> None:
     """Two guest writes into two cold extents: the first holds the lock while its entry
     is written, the second waits for the lock with the same ActivityLog. Both entries
@@ -346,9 +331,6 @@ async def test_two_writers_whose_log_entries_fail_both_succeed(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------- finding 5
-@pytest.mark.xfail(strict=True, reason="review finding 5: cancel force during "
-                   "_record_pivot opens the gate: guest writes are acknowledged on the "
-                   "source while the registry and the state file say the target is live")
 async def test_no_write_is_acknowledged_on_the_source_while_the_pivot_is_on_record(
         tmp_path: Path) -> None:
     """_finish records the pivot (registry, then phase=completed) with the gate closed.
@@ -395,8 +377,6 @@ async def test_no_write_is_acknowledged_on_the_source_while_the_pivot_is_on_reco
 
 
 # ---------------------------------------------------------------------- finding 6
-@pytest.mark.xfail(strict=True, reason="review finding 6: an unmount during _record_pivot "
-                   "leaves a pivot record for a source that is still the live image")
 async def test_an_unmount_during_the_pivot_record_leaves_no_stale_record(
         tmp_path: Path) -> None:
     """The unmount cancels run() (mount.py: nursery.cancel_scope.cancel()) while the
@@ -456,9 +436,6 @@ class _SyncTracking(FaultyImage):
         self.changed_since_sync = False
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 7: the pivot registry records the "
-                   "source's mtime without an fsync of the source: after a power loss the "
-                   "record no longer matches and the stale source is accepted")
 async def test_the_source_is_synced_before_its_identity_is_recorded(tmp_path: Path) -> None:
     """A file source's record matches only while (dev, ino, size, mtime_ns) are as
     recorded. source_identity reads the in-memory inode; _finish flushes the target, never
@@ -482,9 +459,6 @@ async def test_the_source_is_synced_before_its_identity_is_recorded(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------- finding 8
-@pytest.mark.xfail(strict=True, reason="review finding 8: a state file that can be neither "
-                   "written nor removed stays behind saying 'running' with an old log; the "
-                   "next mount resumes from it and misses every write since")
 async def test_a_state_file_that_cannot_be_removed_is_never_resumed_from(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         autojump_clock: trio.testing.MockClock) -> None:
@@ -524,8 +498,6 @@ async def test_a_state_file_that_cannot_be_removed_is_never_resumed_from(
 
 
 # ---------------------------------------------------------------------- finding 9
-@pytest.mark.xfail(strict=True, reason="review finding 9: a header that outgrows its 4 KiB "
-                   "block raises StateError (not OSError), which escapes run()")
 async def test_a_header_that_outgrows_its_block_does_not_kill_the_loop(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """The header holds both images' absolute paths (up to 4095 bytes each). One that
