@@ -11,7 +11,8 @@ Invariants (see DOMAIN.md), kept where the comments say:
     runs. Nothing is dropped.
  4. The pivot (and a cancel in ready) closes a gate in front of guest writes, waits for what
     is in flight, copies what is still dirty, flushes the target, switches, reopens.
- 6. A target error never becomes a guest I/O error.
+ 6. A target error never becomes a guest I/O error, nor a guest write that waits without
+    end: every error opens the drain's gate, which closes again only once a copy succeeds.
  7. A copy counts as done for good only once a flush of the target covers it. Until then its
     range is in ``_unflushed`` (coarse extents); a failed flush, or an NBD connection that
     was replaced (its acknowledged writes may have died in the server's cache), makes those
@@ -19,6 +20,11 @@ Invariants (see DOMAIN.md), kept where the comments say:
     older epoch does not count (it may have landed just before the loss). Flushes of the
     target are serialized, and a checkpoint flushes first, then snapshots dirty, busy and
     everything written since the flush began.
+ 8. What protects a write after a crash is what is on disk (state.py): a guest write to a
+    chunk the saved bitmap does not cover waits until its extent's log entry is synced.
+ 9. A phase change that later mounts rely on is durable before its effect: the end of a
+    job before writes stop being tracked (``_record_end``), the pivot before the target is
+    served (``_record_pivot``: the registry and the state file); no state means no resume.
 
 Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``
 and ``_plan_batch``, which a worker thread runs for a batch of copy operations (to a local
