@@ -216,6 +216,13 @@ def _stop(pid: int) -> None:
             return
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _pivot_registry(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The pivots that tests record go to a registry of their own, not the machine's
+    (/var/lib/mirrorfs): a test's refusal must come from what that test did."""
+    os.environ.setdefault("MIRRORFS_STATE_DIR", str(tmp_path_factory.mktemp("registry")))
+
+
 @pytest.fixture
 def mirrorfs(tmp_path: Path) -> Iterator[MirrorFactory]:
     f = MirrorFactory(tmp_path)
