@@ -274,9 +274,11 @@ class CrashedStateIO:
 # ====================================================================== the world
 @dataclasses.dataclass
 class Hold:
-    """Stops ``run_sync`` calls whose function ``match``es until ``release`` is set."""
+    """Stops ``run_sync`` calls whose function ``match``es (at most ``limit`` of them)
+    until ``release`` is set."""
 
     match: Callable[[Callable[..., Any]], bool]
+    limit: int | None = None
     reached: trio.Event = dataclasses.field(default_factory=trio.Event)
     release: trio.Event = dataclasses.field(default_factory=trio.Event)
     calls: int = 0
@@ -295,8 +297,8 @@ class World:
     """The storage of one scenario (images, state file, registry, trace), shared by every
     mount of it, and the simulated worker threads (``run_sync``)."""
 
-    def __init__(self, seed: int, size: int, granularity: int, yields: tuple[int, int] = (0, 3)
-                 ) -> None:
+    def __init__(self, seed: int, size: int, granularity: int, yields: tuple[int, int] = (0, 3),
+                 latency: float = 0.003) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.sched = random.Random(seed * 7919 + 1)  # run_sync's yields
@@ -320,6 +322,10 @@ class World:
         self.state: StateInode | None = None
         self.registry = b""
         self.yields = yields
+        # Virtual seconds a 'thread' call may take (uniform from 0): without it every call
+        # would finish in the instant it started, and no guest write would ever land
+        # while a log entry, a checkpoint or a flush is on its way to the disk.
+        self.latency = latency
         self.holds: list[Hold] = []
         self.state_ops = 0
         self.state_fail_at: int | None = None  # the state I/O call with this number fails
@@ -327,19 +333,25 @@ class World:
         self.state_failures = 0
         self.mounts = 0
         self.refused: list[str] = []
+        self.stalls: list[str] = []  # tasks that spun without waiting: see SpinGuard
 
     # ------------------------------------------------------------------ threads
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """As trio.to_thread.run_sync: a cancellation before the 'thread' starts raises;
-        once started it runs to the end (shielded). Yields around the call so that other
-        tasks run meanwhile, as they would while a worker thread works."""
+        once started it runs to the end (shielded). It takes a random bit of virtual time
+        and yields around the call, so that other tasks run meanwhile, as they would while
+        a worker thread works."""
         await trio.lowlevel.checkpoint()
         with trio.CancelScope(shield=True):
             for hold in self.holds:
-                if not hold.release.is_set() and hold.match(fn):
+                if not hold.release.is_set() and (hold.limit is None or hold.calls < hold.limit
+                                                  ) and hold.match(fn):
                     hold.calls += 1
                     hold.reached.set()
                     await hold.release.wait()
+            latency = self.latency * (5 if fn_name(fn) == "flush" else 1)  # an image's
+            if latency:  # the call's own time: others run meanwhile   # flush takes longer
+                await trio.sleep(self.sched.uniform(0, latency))
             for _ in range(self.sched.randint(*self.yields)):
                 await trio.lowlevel.checkpoint()
             result = fn(*args)
@@ -347,8 +359,9 @@ class World:
                 await trio.lowlevel.checkpoint()
         return result
 
-    def hold(self, match: Callable[[Callable[..., Any]], bool]) -> Hold:
-        h = Hold(match)
+    def hold(self, match: Callable[[Callable[..., Any]], bool], limit: int | None = None
+             ) -> Hold:
+        h = Hold(match, limit)
         self.holds.append(h)
         return h
 
@@ -524,6 +537,13 @@ class Guest:
         off -= off % 512
         return off, max(1, min(n, size - off))
 
+    async def one(self, off: int, n: int) -> None:
+        if self.rng.random() < 0.06:
+            await self.mirror.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+        else:
+            await self.mirror.write(off, self.rng.randbytes(n))
+        self.writes += 1
+
     async def writer(self) -> None:
         rng, m = self.rng, self.mirror
         try:
@@ -532,12 +552,19 @@ class Guest:
                     await trio.sleep(0.01)
                     continue
                 off, n = self.pick()
-                r = rng.random()
-                if r < 0.06:
-                    await m.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+                if rng.random() < 0.25:
+                    # several requests in flight at once, near each other (queue depth)
+                    base = off - off % self.extent
+                    async with trio.open_nursery() as burst:
+                        burst.start_soon(self.one, off, n)
+                        for _ in range(rng.randrange(1, 4)):
+                            o = min(base + rng.randrange(self.extent), self.world.size - 512)
+                            o -= o % 512
+                            burst.start_soon(self.one, o,
+                                             min(rng.choice((4 * KiB, 64 * KiB)),
+                                                 self.world.size - o))
                 else:
-                    await m.write(off, rng.randbytes(n))
-                self.writes += 1
+                    await self.one(off, n)
                 if rng.random() < 0.1:
                     await m.fsync()
                 await trio.sleep(rng.uniform(0, 2 * self.pause))
@@ -730,19 +757,66 @@ async def random_scenario(world: World, plan: Plan) -> None:
         nursery.cancel_scope.cancel()
 
 
+class SpinGuard(trio.abc.Instrument):
+    """Notices a task that keeps running while virtual time stands still (the autojump
+    clock moves only when every task waits, so a task that spins freezes it): it then
+    moves the clock on by ``jump`` seconds, as real time passes while a task spins, so that
+    timers (the checkpointer) run as they would. Each spinning task is kept in ``spins``
+    with its stack and the virtual time it spun. Normal tasks take a handful of steps
+    per instant; a spin takes thousands."""
+
+    def __init__(self, clock: trio.testing.MockClock, limit: int = 2000, jump: float = 0.05
+                 ) -> None:
+        self.clock, self.limit, self.jump = clock, limit, jump
+        self.when = -1.0
+        self.steps: Counter[trio.lowlevel.Task] = Counter()
+        self.spins: dict[trio.lowlevel.Task, tuple[float, str]] = {}  # start, stack
+        self.ends: dict[trio.lowlevel.Task, float] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        now = trio.current_time()
+        if now != self.when:
+            self.when = now
+            self.steps.clear()
+            return
+        self.steps[task] += 1
+        if self.steps[task] > self.limit:
+            if task not in self.spins:
+                frames = [f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{lineno} "
+                          f"{f.f_code.co_name}" for f, lineno in task.iter_await_frames()]
+                self.spins[task] = (now, " <- ".join(reversed(frames)))
+            self.clock.jump(self.jump)
+
+    def report(self) -> list[str]:
+        return [f"task {task.name} spun from virtual time {start:.3f} for "
+                f"{self._spun(task):.2f} s: {stack}"
+                for task, (start, stack) in self.spins.items()]
+
+    def _spun(self, task: trio.lowlevel.Task) -> float:
+        return self.ends.get(task, self.when) - self.spins[task][0]
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        if task in self.spins:
+            self.ends.setdefault(task, trio.current_time())
+
+
 def run_world(world: World, scenario: Callable[[], Awaitable[None]], limit: float = 3600
               ) -> None:
-    """Run a scenario under trio with the autojump clock and seeded scheduling."""
+    """Run a scenario under trio with the autojump clock and seeded scheduling. Tasks
+    that spun (see SpinGuard) are kept in ``world.stalls``."""
     import trio._core._run as trio_run  # the scheduler's own randomness, for repeatability
 
     trio_run._r.seed(world.seed)
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    guard = SpinGuard(clock)
 
     async def main() -> None:
         with trio.fail_after(limit):
             await scenario()
 
     with world.patched_unlink():
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        trio.run(main, clock=clock, instruments=[guard])
+    world.stalls = guard.report()
 
 
 # ====================================================================== the explorer
@@ -772,6 +846,7 @@ class Report:
     variants: Counter[str] = dataclasses.field(default_factory=Counter)
     violations: list[Violation] = dataclasses.field(default_factory=list)
     violation_count: int = 0
+    stalls: list[str] = dataclasses.field(default_factory=list)  # "seed N: ..."
 
     def add(self, other: "Report") -> None:
         self.ops += other.ops
@@ -780,12 +855,14 @@ class Report:
         self.variants.update(other.variants)
         self.violations.extend(other.violations)
         self.violation_count += other.violation_count
+        self.stalls.extend(other.stalls)
 
     def summary(self) -> str:
         out = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
         var = ", ".join(f"{k} {v}" for k, v in sorted(self.variants.items()))
+        spins = f", {len(self.stalls)} stalled tasks" if self.stalls else ""
         return (f"{self.points} crash points over {self.ops} trace ops ({out}; {var}); "
-                f"{self.violation_count} violations")
+                f"{self.violation_count} violations{spins}")
 
 
 @dataclasses.dataclass
@@ -907,6 +984,7 @@ class Explorer:
         w = self.world
         ops = w.trace.ops
         rep = Report(w.seed, ops=len(ops))
+        rep.stalls.extend(f"seed {w.seed}: {stall}" for stall in w.stalls)
         src_kill, tgt_kill = bytearray(w.initial_source), bytearray(w.initial_target)
         src_dur, tgt_dur = bytearray(w.initial_source), bytearray(w.initial_target)
         diff_kill = {c for c in range(self.nchunks) if self._differs(src_kill, tgt_kill, c)}

@@ -112,6 +112,7 @@ def test_random_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
         assert rep.points >= MIN_POINTS_PER_SEED, f"seed {seed}: {rep.summary()}"
         total.add(rep)
     _report(capsys, f"{len(seeds)} random seeds", total, time.monotonic() - t0)
+    assert not total.stalls, f"tasks spun without waiting: {total.stalls[:3]}"
     assert total.points >= MIN_POINTS_PER_SEED * len(seeds)
     for outcome in (REFUSE, NEW, RESUME):
         assert total.outcomes[outcome] > 0, f"no crash point led to {outcome}"
@@ -286,3 +287,96 @@ def test_item6_checkpoint_covers_only_what_both_slots_cover(
     assert seen["chunk 8 in the new P"], "the scenario did not reach item 6's window"
     assert _ops_after(world, "checkpoint writes its slot", "write", "source") >= 1
     _assert_clean(rep)
+
+
+def test_write_across_a_logged_and_a_covered_extent_does_not_spin(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Not in issue 16; the random scenarios found it on 552a73c (and it was fixed in
+    199f2ee meanwhile): a guest write over two activity-log extents, one logged, the
+    other's part of the write all in P. ``covers()`` asked P or the log to cover all of it,
+    and neither did; ``log()`` skips an extent that is logged and one whose part P covers,
+    so it logged nothing, and ``_change`` went round again, yielding each time: the write
+    spun at 100% CPU until a checkpoint changed P and the log (``checkpoint_s``, 10 s by
+    default). SpinGuard moves the clock on while a task spins, so on 552a73c the write
+    ends after the checkpointer's next checkpoint, and the spin is reported: "task ...
+    spun from virtual time 2.035 for 1.70 s: ... state.py:237 log <- mirror.py:780 _log
+    <- mirror.py:349 _change <- mirror.py:309 write"."""
+    world = _world(9)
+    plan = _plan(9, checkpoint_s=3.0)
+    g = plan.granularity
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            m = await _mount_ready(world, plan, nursery)
+            m.pause()  # nothing is copied: what is dirty stays dirty
+            await m.write(8 * g, b"0" * 4096)  # chunk 8, log extent 1: logged, dirty
+            await m.checkpoint()  # P = {8}, the log empty
+            assert m.persist is not None and list(m.persist.p.search(1)) == [8]
+            await m.write(7 * g, b"1" * 4096)  # chunk 7, log extent 0: logged, dirty
+            world.trace.mark("the write across extents 0 and 1")
+            t0 = trio.current_time()
+            await m.write(8 * g - 4096, b"2" * 8192)  # chunks 7 and 8
+            world.trace.mark(f"it took {trio.current_time() - t0:.3f} s")
+            nursery.cancel_scope.cancel()
+
+    rep = _explore(capsys, "write across extents", world, scenario)
+    assert not rep.stalls, f"a task spun without waiting: {rep.stalls[0]}"
+
+
+@pytest.mark.xfail(strict=True, reason="found by the crash explorer, not fixed yet: a "
+                   "checkpoint's snapshot misses the extents of another flush of the "
+                   "target still in flight (see the docstring)")
+def test_checkpoint_during_another_target_flush(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not in issue 16; the random scenarios found it (on 552a73c and on 9f856d1): two
+    flushes of the target at once. ``_flush_target`` swaps ``_unflushed`` for an empty
+    map, then flushes; the flush lock keeps two flushes apart, but not a checkpoint's
+    snapshot from another flush. Here, in write-blocking mode: a checkpoint has flushed
+    the target and is flushing the source; an active write puts chunk 48 on the target;
+    the guest's fsync flushes the source, then the target, whose flush takes
+    ``_unflushed`` (chunk 48's extent) and is still running when the checkpoint
+    snapshots: its P calls chunk 48 clean, its header switch empties the log, and a power
+    loss before the guest's target flush ends keeps the source's write (synced) and
+    loses the target's: "seed 12 crash after op 35 (torn): ... resuming the job after a
+    crash: 0 bytes to copy (header seq 3, phase running, clean False); chunks [48]" (and
+    after op 36, the header's sync, in the power and random variants). The
+    same holds for the drain's flush in ``_finish`` next to the checkpointer. A fix:
+    keep the extents of a flush in flight (say ``_flushing``) until it has returned, and
+    have ``_snapshot`` count them too."""
+    world = _world(12)
+    plan = _plan(12, copy_mode=CopyMode.WRITE_BLOCKING)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            m = await _mount_ready(world, plan, nursery)
+            source_flush = world.hold(calls_on(world.source, "flush"), limit=1)
+            checkpointed, fsynced = trio.Event(), trio.Event()
+
+            async def checkpoint() -> None:
+                await m.checkpoint()
+                checkpointed.set()
+
+            async def fsync() -> None:
+                await m.fsync()
+                fsynced.set()
+
+            nursery.start_soon(checkpoint)
+            with trio.fail_after(10):
+                await source_flush.reached.wait()
+            world.trace.mark("the checkpoint flushed the target, flushes the source")
+            await m.write(3 * MiB + 4096, b"a" * 4096)  # active: source and target
+            target_flush = world.hold(calls_on(world.target, "flush"), limit=1)
+            nursery.start_soon(fsync)
+            with trio.fail_after(10):
+                await target_flush.reached.wait()
+            world.trace.mark("the guest's fsync flushes the target")
+            source_flush.release.set()
+            with trio.fail_after(10):
+                await checkpointed.wait()
+            world.trace.mark("checkpoint done")
+            target_flush.release.set()
+            with trio.fail_after(10):
+                await fsynced.wait()
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+
+    _explore(capsys, "checkpoint during another target flush", world, scenario)
