@@ -1,8 +1,7 @@
 """The command line's grammar: the verbs, their options and how each value is checked.
 
-Apart from cli.py so that ``mirrorfs mount`` can begin its head start (headstart.py) before
-argparse is even imported: argparse and building this parser take some 17 ms, and the
-copy would wait for them.
+Apart from cli.py, which imports it only once it runs: the verbs that merely read or write
+the mount's files pay for nothing else at import.
 """
 
 import argparse

@@ -1,8 +1,8 @@
 """The ``mirrorfs`` command. Every verb but ``mount`` wraps the mount's files, so shell
 users (``echo complete > MNT/.mirror/ctl``) and the CLI share one path.
 
-Imports here are few and cheap: ``mirrorfs mount`` begins its copy (the head start) before
-it reads its arguments with argparse. Whatever the module imports, that copy waits for.
+Imports here are few and cheap: every command's start pays for them, and the waiting
+``mirrorfs mount`` never imports trio or pyfuse3 (the daemon it forks does).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (3 ms)
 if TYPE_CHECKING:
     import argparse
     from typing import Any
-
-    from mirrorfs.headstart import HeadStart
 
 ENDED = ("completed", "cancelled", "failed")
 
@@ -44,7 +42,7 @@ def read_status(mnt: str) -> dict[str, Any]:
             raise CliError(f"{mnt}: the mirrorfs daemon is gone (dead mount); "
                            f"`mirrorfs umount {mnt}` cleans it up") from None
         raise CliError(f"cannot read {ctl_path(mnt)}: {e.strerror}") from None
-    import json  # json and subprocess are imported where used: mount's head start waits
+    import json
 
     try:
         obj = json.loads(data)
@@ -216,40 +214,19 @@ def cmd_umount(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mount(a: argparse.Namespace, early: HeadStart | None = None) -> int:
-    if early is not None and not early.matches(a.source, a.target, a.sync, a.speed,
-                                               a.granularity):
-        early.abort()  # read otherwise than argparse did: the ordinary head start then
-        early = None
+def cmd_mount(a: argparse.Namespace) -> int:
     if not a.foreground:
         from mirrorfs.launch import spawn_daemon
 
         def daemon(notify_fd: int) -> int:
             a.notify_fd = notify_fd
-            return _mount(a, early)
+            return _run_daemon(a)
 
-        if early is None:
-            return spawn_daemon(daemon)
-        # the daemon inherits the head start; this process lets go of its copies
-        return spawn_daemon(daemon, keep=early.fds(), in_parent=early.release)
-    return _mount(a, early)
+        return spawn_daemon(daemon)
+    return _run_daemon(a)
 
 
-def _mount(a: argparse.Namespace, early: HeadStart | None = None) -> int:
-    from mirrorfs import headstart
-
-    # The copy begins now (if it has not yet), in a helper process, while this one
-    # imports and mounts.
-    head_start = early or headstart.start(a.source, a.target, a.sync, a.speed,
-                                          a.granularity)
-    try:
-        return _run_daemon(a, head_start)
-    finally:  # ends the helper; removes the target only if the mount never took it
-        if head_start is not None:
-            head_start.abort()
-
-
-def _run_daemon(a: argparse.Namespace, head_start: HeadStart | None) -> int:
+def _run_daemon(a: argparse.Namespace) -> int:
     from mirrorfs import mount  # imports pyfuse3: only in the daemon
 
     opts = mount.MountOptions(
@@ -261,36 +238,17 @@ def _run_daemon(a: argparse.Namespace, head_start: HeadStart | None) -> int:
         notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
         tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval),
         no_state=a.no_state, poll_us=a.poll_us)
-    return mount.run_daemon(opts, head_start)
+    return mount.run_daemon(opts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    early = _early_head_start(argv)
-    try:
-        return _main(argv, early)
-    finally:  # the mount took it or handed it on (release), or it is undone here
-        if early is not None:
-            early.abort()
-
-
-def _early_head_start(argv: list[str]) -> HeadStart | None:
-    """``mirrorfs mount`` in its usual forms begins copying now, before argparse (see
-    headstart.early); the mount checks that argparse read the same arguments."""
-    if argv[:1] != ["mount"]:
-        return None
-    from mirrorfs import headstart
-
-    return headstart.early(argv[1:])
-
-
-def _main(argv: list[str], early: HeadStart | None) -> int:
     from mirrorfs.args import build_parser
 
+    argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
     try:
         if a.verb == "mount":
-            return cmd_mount(a, early)
+            return cmd_mount(a)
         if a.verb == "status":
             return cmd_status(a)
         if a.verb == "wait":

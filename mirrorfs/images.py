@@ -33,19 +33,6 @@ ZERO_BLOCK = bytes(1 << 20)
 EXT4_SUPER_MAGIC = 0xEF53  # linux/magic.h (ext2 and ext3 share it)
 
 
-_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
-
-
-def link_fd(fd: int, path: str) -> None:
-    """Give the open, unnamed file ``fd`` (O_TMPFILE) the name ``path``. os.link calls
-    link(2), which does not follow /proc/self/fd's link to the file: linkat with
-    AT_SYMLINK_FOLLOW does (and needs no privilege, unlike AT_EMPTY_PATH)."""
-    proc = f"/proc/self/fd/{fd}".encode()
-    if _libc.linkat(_AT_FDCWD, proc, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode flags (os.posix_fallocate has none). Releases the GIL."""
     if _libc.fallocate(fd, mode, offset, length) != 0:

@@ -48,7 +48,6 @@ from bitarray import bitarray
 from bitarray.util import intervals
 
 from mirrorfs.bitmap import DirtyBitmap
-from mirrorfs.headstart import REPORT, HeadStart
 from mirrorfs.images import ZERO_BLOCK, Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
@@ -64,7 +63,6 @@ RunSync = Callable[..., Awaitable[Any]]
 _T = TypeVar("_T")
 Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD export (async)
 Segment = tuple[int, int, memoryview | None]  # offset, length, data (None: make it zeros)
-HEAD_START_STOP_GRACE_S = 10.0  # see Mirror._head_start_watchdog
 
 
 @dataclasses.dataclass(slots=True)
@@ -194,7 +192,6 @@ class Mirror:
                  pid: int | None = None, run_sync: RunSync | None = None,
                  persist: ActivityLog | None = None, resume: bitarray | None = None,
                  resume_info: dict[str, Any] | None = None,
-                 head_start: HeadStart | None = None,
                  record_pivot: Callable[[], None] | None = None,
                  forget_pivot: Callable[[], None] | None = None) -> None:
         self.source, self.target, self.cfg = source, target, cfg
@@ -258,15 +255,6 @@ class Mirror:
         # Called right before a guest write is copied into the source inline, with nothing
         # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
         self.before_inline_write: Callable[[int], None] | None = None
-        # The head start (headstart.py): a helper process that began the bulk copy while
-        # the daemon started. The bulk copy is its alone until it ends; it is stopped before
-        # any guest write and anything but the plain bulk copy.
-        self._head_start = head_start
-        self._head_done = trio.Event()
-        self._head_stop_asked = trio.Event()
-        self._head_chunks = 0  # chunks below this one are equal, by its reports
-        if head_start is None:
-            self._head_done.set()
         self._mark_initial(resume, resume_info or {})
 
     # ================================================================== setup
@@ -343,8 +331,6 @@ class Mirror:
     async def _change(self, offset: int, length: int, change: Change) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
         self.guest_ops += 1
-        if self._head_start is not None:  # its reports must all describe the disk before
-            await self._stop_head_start()
         persist = self.persist
         while True:
             while self._gate is not None:
@@ -709,8 +695,6 @@ class Mirror:
         """The copy loop; returns when the job has ended. Worker batches run in a nursery
         of their own, so the loop always waits for them (no copy outlives the job)."""
         async with trio.open_nursery() as nursery:
-            if self._head_start is not None:
-                nursery.start_soon(self._follow_head_start)
             if self.persist is not None:
                 nursery.start_soon(self._checkpointer)
             while not self.job.ended:
@@ -733,82 +717,6 @@ class Mirror:
                 self._drop_state(e)
         if not self._keep_tracking:
             self._untracked = True
-
-    # ------------------------------------------------------------------ the head start
-    async def _follow_head_start(self) -> None:
-        """Apply the helper's reports until it ends; kill it if the job goes first."""
-        hs = self._head_start
-        assert hs is not None
-        t0 = self._now()
-        stream = trio.lowlevel.FdStream(hs.report_fd)  # closes the fd when done
-        hs.report_fd = -1
-        pending = b""
-        try:
-            async with stream, trio.open_nursery() as watch:
-                watch.start_soon(self._head_start_watchdog, hs)
-                while chunk := await stream.receive_some(1 << 16):
-                    pending += chunk
-                    whole = len(pending) - len(pending) % REPORT.size
-                    for pos, zeroed in REPORT.iter_unpack(pending[:whole]):
-                        self._head_progress(pos, zeroed)
-                    pending = pending[whole:]
-                watch.cancel_scope.cancel()
-            await self._run_sync(hs.reap)
-        finally:
-            hs.kill()  # nothing but the mirror may write the target from here on
-            self._head_start = None
-            self._head_done.set()
-            self._wakeup.set()
-        # (its exit status is unknown where the command forked it: the reports tell)
-        how = ("copied everything" if self._head_chunks >= self.bitmap.nchunks
-               else f"stopped at chunk {self._head_chunks}")
-        # nothing else copies while the helper does: the counts are its own
-        log.info("head start %s: %d bytes copied (%d of them zeros, skipped), %.3f s after "
-                 "the mirror started", how, self.copied_bytes, self.zeroed_bytes,
-                 self._now() - t0)
-
-    async def _head_start_watchdog(self, hs: HeadStart) -> None:
-        """A helper asked to stop ends its step within milliseconds. One that has not after
-        HEAD_START_STOP_GRACE_S (frozen, say, by a SIGSTOP) is killed: the guest's writes
-        wait for it, and whatever it did not report, the mirror copies itself."""
-        await self._head_stop_asked.wait()
-        await trio.sleep(HEAD_START_STOP_GRACE_S)
-        log.warning("the head start's helper did not stop within %.0f s: killing it",
-                    HEAD_START_STOP_GRACE_S)
-        hs.terminate()
-
-    def _stop_head_start_soon(self) -> None:
-        """Ask the helper to stop after its current step (see _head_start_watchdog)."""
-        if self._head_start is not None:
-            self._head_start.stop()
-            self._head_stop_asked.set()
-
-    def _head_progress(self, pos: int, zeroed: int) -> None:
-        """The helper made [0, pos) equal: the chunks wholly inside are clean, and written
-        but not flushed (invariant 7), as after a copy batch. Once the target may have lost
-        writes (a failed flush), a report may describe some of them, as a batch then in
-        flight would (``_settle``): the helper is stopped, its later reports ignored. (The
-        job's epoch is 0 until such a loss.)"""
-        if self._check_epoch():
-            self._stop_head_start_soon()
-            return
-        bm = self.bitmap
-        b = bm.nchunks if pos >= self.size else pos >> bm.shift
-        a = self._head_chunks
-        if b > a:
-            before = bm.dirty_bytes
-            bm.clear_chunks(a, b)
-            start, end = bm.byte_range(a, b)
-            self._note_written(start, end - start)
-            done = before - bm.dirty_bytes
-            self.copied_bytes += done
-            self.meter.add(done, self._now())
-            self._head_chunks = b
-        self.zeroed_bytes = zeroed  # its running total: nothing else copies meanwhile
-
-    async def _stop_head_start(self) -> None:
-        self._stop_head_start_soon()
-        await self._head_done.wait()
 
     # ------------------------------------------------------------------ the state file
     def _snapshot(self, into: bitarray) -> None:
@@ -930,11 +838,6 @@ class Mirror:
     async def _step(self, nursery: trio.Nursery) -> None:
         self._wakeup = trio.Event()
         state = self.job.state
-        if self._head_start is not None:
-            if state is not State.COPYING or self.bucket.rate:
-                self._stop_head_start_soon()  # a verb or a speed limit: the job's own rules
-            await self._wakeup.wait()
-            return
         now = self._now()
         if state is State.CANCELLING and self._abandon:
             if not self._busy:
@@ -960,7 +863,7 @@ class Mirror:
             return
         delay = self._start_batches(nursery, unthrottled=self._gate is not None)
         if not self._busy and not self.bitmap.dirty_chunks:
-            self._caught_up()
+            await self._caught_up()
             if self.job.ended or self.job.state is not state:
                 return
         if delay:
@@ -1356,12 +1259,23 @@ class Mirror:
         return True
 
     # ------------------------------------------------------------------ phases
-    def _caught_up(self) -> None:
-        """Nothing dirty and nothing in flight: the target equals the source."""
+    async def _caught_up(self) -> None:
+        """Nothing dirty and nothing in flight: the target equals the source. Ready is
+        reported only after a flush of the target, as QEMU's mirror does: from then on the
+        target durably holds the source as of the moment it caught up (writes made during
+        the flush are dirty, as any later write in ready)."""
         if self.copy_mode is CopyMode.WRITE_BLOCKING and not self.actively_synced:
             self.actively_synced = True
             self.job.emit("actively_synced")
         if self.job.state is State.COPYING:
+            epoch = self._target_epoch
+            try:
+                await self._flush_target()
+            except OSError as e:  # what it should have covered is dirty again
+                self._on_error(CopyError("target", 0, self.size, e))
+                return
+            if self.job.state is not State.COPYING or self._check_epoch() != epoch:
+                return  # paused, cancelled or a lost target meanwhile: go round again
             self._checkpoint_soon = True  # a crash right after ready must not recopy all
             self.job.ready = True
             self.job.transition(State.READY, "ready", copied_bytes=self.copied_bytes,

@@ -23,7 +23,6 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.fs import MirrorOperations
-from mirrorfs.headstart import HeadStart
 from mirrorfs.images import FileImage
 from mirrorfs.job import Job
 from mirrorfs.locks import ImageLocked, lock_image
@@ -92,7 +91,6 @@ class Prepared:
     resume: bitarray | None = None  # chunks to copy, from the state file
     resume_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     granularity: int = 0
-    head_start: HeadStart | None = None
 
     async def aclose(self) -> None:
         self.source.close()
@@ -211,11 +209,9 @@ def _lock(img: FileImage, what: str) -> None:
         raise MountError(f"{what} {e}") from None
 
 
-async def prepare(opts: MountOptions, nursery: trio.Nursery,
-                  head_start: HeadStart | None = None) -> Prepared:
+async def prepare(opts: MountOptions, nursery: trio.Nursery) -> Prepared:
     """Everything short of mounting. On error nothing is left changed. An NBD target's
-    reader task runs in ``nursery``. With a head start the images are open already (the
-    target unnamed until every check has passed); whoever started it ends it (cli.py)."""
+    reader task runs in ``nursery``."""
     notes: list[str] = []
     src, _sst, tgt, tst = check_images(opts)
     mnt = check_mountpoint(opts.mountpoint, notes)
@@ -226,11 +222,7 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
     if not name or "/" in name or name in (".", "..", ".mirror"):
         raise MountError(f"invalid image name {name!r}")
     target: Target | None = None
-    if head_start is not None:  # both open, locked, the target unnamed: see headstart.py
-        sfd, tfd = head_start.take_images()
-        source, target = FileImage(src, sfd), FileImage(tgt, tfd)
-    else:
-        source = _open_image(src, "source")
+    source = _open_image(src, "source")
     created = False
     nbd = _nbd_address(opts)
     try:
@@ -240,12 +232,6 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
         _check_not_pivoted(source, opts)
         if nbd is not None:
             target = await _open_nbd(nbd, opts, source.size, nursery)
-        elif head_start is not None:
-            try:
-                head_start.link()  # every check passed: the target gets its name
-            except OSError as e:
-                raise MountError(f"cannot create target {tgt}: {e.strerror}") from None
-            created = True
         elif tst is not None:
             ftarget = _open_image(tgt, "target")
             target = ftarget
@@ -258,7 +244,7 @@ async def prepare(opts: MountOptions, nursery: trio.Nursery,
             _lock(ftarget, "target")
         assert target is not None  # every branch above opened one
         prep = Prepared(source, target, created, mnt, name, notes, fresh=created,
-                        granularity=opts.granularity, head_start=head_start)
+                        granularity=opts.granularity)
         _prepare_state(prep, opts)
     except BaseException:
         source.close()
@@ -452,7 +438,7 @@ class _Notifier:
             self.fd = None
 
 
-def run_daemon(opts: MountOptions, head_start: HeadStart | None = None) -> int:
+def run_daemon(opts: MountOptions) -> int:
     """Mount and serve in this process until unmounted. Returns the exit status."""
     try:
         setup_logging(opts)
@@ -461,18 +447,17 @@ def run_daemon(opts: MountOptions, head_start: HeadStart | None = None) -> int:
                                                 f"{e.strerror or e}")
         return 1
     try:
-        return trio.run(_daemon, opts, _Notifier(opts.notify_fd), head_start)
+        return trio.run(_daemon, opts, _Notifier(opts.notify_fd))
     except BaseExceptionGroup as group:  # one error (Ctrl-C, a crash): itself, for the CLI
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
 
 
-async def _daemon(opts: MountOptions, notify: _Notifier, head_start: HeadStart | None,
-                  ) -> int:
+async def _daemon(opts: MountOptions, notify: _Notifier) -> int:
     async with trio.open_nursery() as io:  # an NBD target's reader task lives here
         try:
-            prep = await prepare(opts, io, head_start)
+            prep = await prepare(opts, io)
         except MountError as e:
             notify.send("ERROR", str(e))
             return 1
@@ -587,13 +572,12 @@ async def _serve(ops: MirrorOperations, prep: Prepared, opts: MountOptions,
 
     mirror = Mirror(prep.source, prep.target, cfg, Job(), persist=persist,
                     resume=prep.resume, resume_info=prep.resume_info,
-                    head_start=prep.head_start, record_pivot=record_pivot,
+                    record_pivot=record_pivot,
                     forget_pivot=forget_pivot)
     prep.resume = None  # merged into the mirror's bitmap: do not keep a second copy
     if persist is not None:
         # the initial bitmap is on disk before the first guest write; no flush of the
-        # images (nothing is claimed clean that was not; the head start's copy in progress
-        # must not be flushed before the mount serves)
+        # images (nothing is claimed clean that was not)
         try:
             await mirror.checkpoint(flush=False, phase="running", clean=False)
         except OSError as e:  # e.g. no room next to the target: refuse, as prepare() would

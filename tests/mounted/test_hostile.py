@@ -399,7 +399,7 @@ BAD_MOUNTS: list[tuple[str, list[str], str]] = [
     ("mountpoint-missing", ["src.img", "t.img", "nomnt"], r"does not exist"),
     ("mountpoint-not-a-directory", ["src.img", "t.img", "not-a-dir"], r"not a directory"),
     ("mountpoint-busy", ["src.img", "t.img", "busy"], r"busy|mounted"),
-    # the daemon fails after its head start began (a new target): the target goes too
+    # the daemon fails at its start (a new target would be created): nothing is left
     ("log-file-in-a-missing-directory", ["src.img", "t.img", "m", "--log", "/nonexistent/l"],
      r"log file"),
     ("granularity-not-power-of-two", ["src.img", "t.img", "m", "--granularity", "3000"],
