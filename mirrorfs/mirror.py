@@ -234,6 +234,7 @@ class Mirror:
         self._unflushed_shift = max(max(cfg.granularity, 1 * MiB).bit_length() - 1,
                                     (max(1, self.size - 1) >> 21).bit_length())
         self._unflushed = self._new_unflushed()
+        self._flushing: bitarray | None = None  # what a flush in progress will cover
         self._target_gen = _generation(target)
         self._target_epoch = 0  # + 1 whenever the target may have lost acknowledged writes
         self._flush_lock = trio.Lock()
@@ -378,6 +379,7 @@ class Mirror:
                 await self.target.reconnect()
             epoch = self._check_epoch()
             covered, self._unflushed = self._unflushed, self._new_unflushed()
+            self._flushing = covered  # not durable until the flush returns: see _snapshot
             try:
                 await self._flush(self.target)
                 if self._check_epoch() != epoch:
@@ -386,6 +388,8 @@ class Mirror:
                 self._unflushed |= covered
                 self._target_lost()
                 raise
+            finally:
+                self._flushing = None
 
     def _new_unflushed(self) -> bitarray:
         bits = bitarray(-(-self.size // (1 << self._unflushed_shift)), endian="little")
@@ -405,10 +409,14 @@ class Mirror:
         self._target_epoch += 1  # what is in flight now may have landed before the loss
         self._wakeup.set()
 
-    def _unflushed_chunk_runs(self) -> Iterator[tuple[int, int]]:
-        """The chunk ranges [a, b) of the unflushed extents."""
+    def _unflushed_chunk_runs(self, flushing: bool = False) -> Iterator[tuple[int, int]]:
+        """The chunk ranges [a, b) of the unflushed extents; with ``flushing``, also those
+        a flush in progress has taken but not yet made durable."""
         sh, g_shift, n = self._unflushed_shift, self.bitmap.shift, self.bitmap.nchunks
-        for value, a, b in intervals(self._unflushed):
+        bits = self._unflushed
+        if flushing and self._flushing is not None:
+            bits = bits | self._flushing
+        for value, a, b in intervals(bits):
             if value:
                 yield a << sh >> g_shift, min(n, -(-(b << sh) >> g_shift))
 
@@ -721,12 +729,13 @@ class Mirror:
     # ------------------------------------------------------------------ the state file
     def _snapshot(self, into: bitarray) -> None:
         """What may differ between source and target, as far as the disk knows, right after
-        a flush of both: dirty, in flight, and written since the flush began."""
+        a flush of both: dirty, in flight, written since the flush began, and what another
+        flush of the target (a guest's fsync) has taken but not yet made durable."""
         self._check_epoch()
         self.bitmap.copy_into(into)
         for busy in self._busy:
             into[busy.a:busy.b] = 1
-        for a, b in self._unflushed_chunk_runs():
+        for a, b in self._unflushed_chunk_runs(flushing=True):
             into[a:b] = 1
 
     async def _log(self, a: int, b: int) -> None:

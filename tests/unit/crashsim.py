@@ -298,7 +298,7 @@ class World:
     mount of it, and the simulated worker threads (``run_sync``)."""
 
     def __init__(self, seed: int, size: int, granularity: int, yields: tuple[int, int] = (0, 3),
-                 latency: float = 0.003) -> None:
+                 latency: float = 0.01) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.sched = random.Random(seed * 7919 + 1)  # run_sync's yields
@@ -327,6 +327,7 @@ class World:
         # while a log entry, a checkpoint or a flush is on its way to the disk.
         self.latency = latency
         self.holds: list[Hold] = []
+        self.watchers: list[Callable[[Callable[..., Any]], None]] = []  # see Guest.watch
         self.state_ops = 0
         self.state_fail_at: int | None = None  # the state I/O call with this number fails
         self.state_fail_errno = errno.ENOSPC
@@ -343,13 +344,15 @@ class World:
         a worker thread works."""
         await trio.lowlevel.checkpoint()
         with trio.CancelScope(shield=True):
+            for watch in self.watchers:
+                watch(fn)
             for hold in self.holds:
                 if not hold.release.is_set() and (hold.limit is None or hold.calls < hold.limit
                                                   ) and hold.match(fn):
                     hold.calls += 1
                     hold.reached.set()
                     await hold.release.wait()
-            latency = self.latency * (5 if fn_name(fn) == "flush" else 1)  # an image's
+            latency = self.latency * (2 if fn_name(fn) == "flush" else 1)  # an image's
             if latency:  # the call's own time: others run meanwhile   # flush takes longer
                 await trio.sleep(self.sched.uniform(0, latency))
             for _ in range(self.sched.randint(*self.yields)):
@@ -513,7 +516,7 @@ class Guest:
     fsyncs and punched holes, until stopped."""
 
     def __init__(self, world: World, mirror: Mirror, rng: random.Random, writers: int,
-                 extent_bytes: int, pause: float = 0.05) -> None:
+                 extent_bytes: int, pause: float = 0.1) -> None:
         self.world, self.mirror, self.rng = world, mirror, rng
         self.writers = writers
         self.extent = extent_bytes
@@ -524,12 +527,21 @@ class Guest:
         self.stop = trio.Event()
         self.done = 0
         self.writes = 0
+        self.chase = trio.Event()  # set when a 'thread' call starts under the log's lock
+
+    def watch(self, fn: Callable[..., Any]) -> None:
+        """World.run_sync calls this as a call starts: one made under the activity log's
+        lock (a checkpoint being written, a log entry on its way) is a window worth a
+        write or two (the chaser's)."""
+        persist = self.mirror.persist
+        if persist is not None and persist.lock.locked():
+            self.chase.set()
 
     def pick(self) -> tuple[int, int]:
         rng, size = self.rng, self.world.size
         n = rng.choice((512, 4 * KiB, 4 * KiB, 16 * KiB, 60 * KiB, 64 * KiB, 100 * KiB,
                         300 * KiB))
-        if rng.random() < 0.5:
+        if rng.random() < 0.75:  # mostly hot extents: the log stays small
             e = rng.choice(self.hot)
             off = e * self.extent + rng.randrange(self.extent)
         else:
@@ -571,14 +583,45 @@ class Guest:
         finally:
             self.done += 1
 
+    async def chaser(self) -> None:
+        """Writes anywhere, right when the state file is being written (see ``watch``)."""
+        rng = self.rng
+        try:
+            while not self.stop.is_set():
+                with trio.move_on_after(0.5):
+                    await self.chase.wait()
+                self.chase = trio.Event()
+                if self.stop.is_set() or self.paused or rng.random() < 0.5:
+                    continue
+                persist = self.mirror.persist
+                # where P (in memory: a checkpoint's new one) says "may differ", or anywhere
+                marked = list(persist.p.search(1)) if persist is not None else []
+                g = self.world.granularity
+                async with trio.open_nursery() as burst:
+                    for _ in range(rng.randrange(1, 3)):
+                        if marked and rng.random() < 0.7:
+                            off = rng.choice(marked) * g + rng.randrange(g - 4 * KiB)
+                        else:
+                            off = rng.randrange(self.world.size - 4 * KiB)
+                        burst.start_soon(self.one, off - off % 512, 4 * KiB)
+                await trio.sleep(rng.uniform(0, self.pause))
+        finally:
+            self.done += 1
+
     def start(self, nursery: trio.Nursery) -> None:
+        if not self.writers:
+            return
         for _ in range(self.writers):
             nursery.start_soon(self.writer)
+        nursery.start_soon(self.chaser)
+        self.world.watchers.append(self.watch)
 
     async def halt(self) -> None:
         self.stop.set()
-        while self.done < self.writers:
+        while self.writers and self.done < self.writers + 1:
             await trio.sleep(0.001)
+        if self.watch in self.world.watchers:
+            self.world.watchers.remove(self.watch)
 
 
 # ====================================================================== scenarios

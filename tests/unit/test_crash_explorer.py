@@ -323,11 +323,9 @@ def test_write_across_a_logged_and_a_covered_extent_does_not_spin(
     assert not rep.stalls, f"a task spun without waiting: {rep.stalls[0]}"
 
 
-@pytest.mark.xfail(strict=True, reason="found by the crash explorer, not fixed yet: a "
-                   "checkpoint's snapshot misses the extents of another flush of the "
-                   "target still in flight (see the docstring)")
 def test_checkpoint_during_another_target_flush(capsys: pytest.CaptureFixture[str]) -> None:
-    """Not in issue 16; the random scenarios found it (on 552a73c and on 9f856d1): two
+    """Not in issue 16; the random scenarios found it (on 552a73c and on 9f856d1), fixed
+    since (the snapshot includes what a flush in progress has taken): two
     flushes of the target at once. ``_flush_target`` swaps ``_unflushed`` for an empty
     map, then flushes; the flush lock keeps two flushes apart, but not a checkpoint's
     snapshot from another flush. Here, in write-blocking mode: a checkpoint has flushed
