@@ -26,9 +26,10 @@ Invariants (see DOMAIN.md), kept where the comments say:
     job before writes stop being tracked (``_record_end``), the pivot before the target is
     served (``_record_pivot``: the registry and the state file); no state means no resume.
 
-Concurrency model: everything here runs on the trio thread except ``_copy_batch_sync``
-and ``_plan_batch``, which a worker thread runs for a batch of copy operations (to a local
-target, and the source reads of a batch to NBD). Guest I/O to files is done inline (a
+Concurrency model: everything here runs on the trio thread except the copier's
+``copy_batch`` and ``plan_batch`` (copier.py), which a worker thread runs for a batch of
+copy operations (to a local target, and the source reads of a batch to NBD), and which
+touch only the two images and the batch's ops. Guest I/O to files is done inline (a
 syscall on a page-cache file costs microseconds; a thread round trip costs 100). An NBD
 target is a trio-native client: guest writes to it are awaited on the trio thread, and a
 copy batch to it reads the source in one worker-thread call, then sends its ops as
@@ -48,7 +49,8 @@ from bitarray import bitarray
 from bitarray.util import intervals
 
 from mirrorfs.bitmap import DirtyBitmap
-from mirrorfs.images import ZERO_BLOCK, Image
+from mirrorfs.copier import BatchCopier, CopyError, CopyOp
+from mirrorfs.images import Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
@@ -62,7 +64,6 @@ KiB, MiB = 1 << 10, 1 << 20
 RunSync = Callable[..., Awaitable[Any]]
 _T = TypeVar("_T")
 Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD export (async)
-Segment = tuple[int, int, memoryview | None]  # offset, length, data (None: make it zeros)
 
 
 @dataclasses.dataclass(slots=True)
@@ -154,28 +155,6 @@ class MirrorConfig:
     max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 
-class CopyError(Exception):
-    def __init__(self, side: str, offset: int, length: int, err: OSError) -> None:
-        self.side, self.offset, self.length, self.err = side, offset, length, err
-        what = "reading the source" if side == "source" else "writing the target"
-        super().__init__(f"error {what} at offset {offset} (+{length}): "
-                         f"{err.strerror or err}")
-
-
-@dataclasses.dataclass(eq=False)
-class CopyOp:
-    a: int  # chunk range [a, b)
-    b: int
-    offset: int  # byte range, clipped to the image size
-    length: int
-    zero: bool  # the source has a hole here: make the target read zeros, read nothing
-    done: bool = False
-    error: CopyError | None = None
-    zero_bytes: int = 0
-    busy: "_Busy | None" = None
-    epoch: int = 0  # the target epoch it began in (invariant 7)
-
-
 @dataclasses.dataclass(eq=False)
 class _Busy:
     """A chunk range that a copy or an active write holds (invariant 2)."""
@@ -211,6 +190,7 @@ class Mirror:
         self.meter = RateMeter()
         self._t0 = clock()
         self._busy: list[_Busy] = []
+        self._copier = BatchCopier(source, target, cfg.granularity)
         self._batches = 0
         self._inflight_data = 0
         self._wakeup = trio.Event()
@@ -995,7 +975,9 @@ class Mirror:
             if isinstance(self.target, NBDImage):
                 await self._copy_batch_remote(self.target, ops, buf)
             else:
-                await self._run_sync(self._copy_batch_sync, ops, buf)
+                # the first pass into a new target fills holes (see copier.py)
+                self._copier.preallocate = self.cfg.target_fresh and not self.job.ready
+                await self._run_sync(self._copier.copy_batch, ops, buf)
         except (CopyError, OSError) as e:
             # Every error in a batch reaches the error policy (``_settle``), none the loop:
             # an escaping one would end the daemon and leave the guest a dead mount.
@@ -1049,223 +1031,10 @@ class Mirror:
         epoch = self._check_epoch()  # a replaced connection: the old epoch's copies are void
         for op in ops:
             op.epoch = epoch  # nothing of these is written yet
-        plans = await self._run_sync(self._plan_batch, ops, buf)
+        plans = await self._run_sync(self._copier.plan_batch, ops, buf)
         async with trio.open_nursery() as nursery:
             for op, plan in zip(ops, plans, strict=False):
-                nursery.start_soon(self._send_op, target, op, plan)
-
-    def _plan_batch(self, ops: list[CopyOp], buf: bytearray) -> list[list[Segment]]:
-        """Worker thread: each op's segments, its data read into ``buf``. Stops at the first
-        source error (that op carries it)."""
-        mv = memoryview(buf)
-        plans: list[list[Segment]] = []
-        pos = 0
-        for op in ops:
-            if op.zero:
-                plans.append([(op.offset, op.length, None)])
-                continue
-            view = mv[pos:pos + op.length]
-            try:
-                self._read_source(view, op.offset)
-                plans.append(self._plan(view, op.offset))  # SEEK_DATA/HOLE may fail too
-            except CopyError as e:
-                op.error = e
-                break
-            pos += op.length
-        return plans
-
-    async def _send_op(self, target: NBDImage, op: CopyOp, plan: list[Segment]) -> None:
-        zeros = 0
-        for offset, length, data in plan:
-            try:
-                if data is None:
-                    await target.write_zeroes(offset, length)
-                    zeros += length
-                else:
-                    await target.pwrite(data, offset)
-            except OSError as e:
-                op.error = CopyError("target", offset, length, e)
-                return
-        op.zero_bytes = zeros
-        op.done = True
-
-    # ------------------------------------------------------------------ worker thread
-    def _copy_batch_sync(self, ops: list[CopyOp], buf: bytearray) -> None:
-        """Runs in a worker thread, to a local target: no trio, no bitmap. Stops at the
-        first error; the ops not done are marked dirty again by ``_settle``."""
-        mv = memoryview(buf)
-        for op in ops:
-            try:
-                if op.zero:
-                    self._target_zero(op.offset, op.length)
-                    op.zero_bytes = op.length
-                else:
-                    op.zero_bytes = self._copy_data(op.offset, op.length, mv)
-                op.done = True
-            except CopyError as e:
-                op.error = e
-                return
-
-    def _extents(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
-        """[offset, end) as (lo, hi, is_hole) runs of the source: holes of the file system's
-        blocks, finer than a chunk (a chunk that is half hole must not become all data on
-        the target). Looked up after the chunk's bit was cleared; a guest write racing the
-        copy dirties the chunk again, so either answer is safe."""
-        pos = offset
-        try:
-            while pos < end:
-                data = min(self.source.next_data(pos), end)
-                if data > pos:
-                    yield pos, data, True
-                if data >= end:
-                    return
-                hole = min(self.source.next_hole(data), end)
-                yield data, hole, False
-                pos = hole
-        except OSError as e:  # SEEK_DATA/SEEK_HOLE failed: the source's error policy
-            raise CopyError("source", pos, end - pos, e) from e
-
-    def _copy_data(self, offset: int, length: int, mv: memoryview) -> int:
-        """Copy a data op to a local target; returns the bytes made zero there. Between two
-        files the data goes through the kernel (``_copy_extent``); otherwise it is read
-        whole into the buffer first (one syscall), then written as planned."""
-        target = self.target
-        assert not isinstance(target, NBDImage)
-        if target.can_copy_from(self.source):  # until the kernel first refuses, for good
-            zeros = 0
-            for lo, hi, hole in self._extents(offset, offset + length):
-                if hole:
-                    self._target_zero(lo, hi - lo)
-                    zeros += hi - lo
-                else:
-                    zeros += self._copy_extent(lo, hi, mv)
-            return zeros
-        view = mv[:length]
-        self._read_source(view, offset)
-        zeros = 0
-        for lo, n, data in self._plan(view, offset):
-            if data is None:
-                self._target_zero(lo, n)
-                zeros += n
-            else:
-                self._write_target(data, lo)
-        return zeros
-
-    def _plan(self, view: memoryview, offset: int) -> list[Segment]:
-        """What to write for source data read into ``view``: the source's holes and the
-        all-zero chunks as zero segments, the rest as data."""
-        out: list[Segment] = []
-        for lo, hi, hole in self._extents(offset, offset + len(view)):
-            if hole:
-                out.append((lo, hi - lo, None))
-            else:
-                out.extend(self._zero_runs(view[lo - offset:hi - offset], lo))
-        return out
-
-    def _zero_runs(self, view: memoryview, offset: int) -> list[Segment]:
-        """``view`` cut into runs of all-zero chunks and of data chunks."""
-        step = min(self.cfg.granularity, len(view))
-        n = len(view)
-        out: list[Segment] = []
-        pos = 0
-        is_zero = self._is_zero(view, 0, min(step, n))
-        while pos < n:
-            end = pos + step
-            nxt = is_zero
-            while end < n:  # extend the run while the next chunk is of the same kind
-                nxt = self._is_zero(view, end, min(end + step, n))
-                if nxt != is_zero:
-                    break
-                end += step
-            end = min(end, n)
-            out.append((offset + pos, end - pos, None if is_zero else view[pos:end]))
-            pos, is_zero = end, nxt
-        return out
-
-    def _read_source(self, view: memoryview, offset: int) -> None:
-        try:
-            self.source.pread_into(view, offset)
-        except OSError as e:
-            raise CopyError("source", offset, len(view), e) from e
-
-    def _copy_extent(self, lo: int, hi: int, mv: memoryview) -> int:
-        """Copy source data [lo, hi) to the target in the kernel, turning all-zero chunks
-        into holes. A chunk whose first bytes are not zero is data, known from a 16-byte
-        read; only a chunk that starts with zeros is read whole to be sure. Returns the bytes
-        made zero."""
-        g = self.cfg.granularity
-        zeros = 0
-        start, start_zero = lo, False
-        pos = lo
-        while pos < hi:
-            nxt = min((pos // g + 1) * g, hi)
-            is_zero = self._source_zero(pos, nxt, mv)
-            if pos > start and is_zero != start_zero:
-                zeros += self._flush_run(start, pos, start_zero, mv)
-                start = pos
-            start_zero = is_zero
-            pos = nxt
-        return zeros + self._flush_run(start, hi, start_zero, mv)
-
-    def _source_zero(self, lo: int, hi: int, mv: memoryview) -> bool:
-        head = mv[:min(16, hi - lo)]
-        self._read_source(head, lo)
-        if head.tobytes() != ZERO_BLOCK[:len(head)]:
-            return False
-        view = mv[:hi - lo]
-        self._read_source(view, lo)
-        return self._is_zero(view, 0, hi - lo)
-
-    def _flush_run(self, lo: int, hi: int, zero: bool, mv: memoryview) -> int:
-        if zero:
-            self._target_zero(lo, hi - lo)
-            return hi - lo
-        target = self.target
-        assert not isinstance(target, NBDImage)
-        if self.cfg.target_fresh and not self.job.ready:  # the first pass fills holes:
-            target.preallocate(lo, hi - lo)  # see FileImage.preallocate (ext4)
-        try:
-            if target.copy_in(self.source, lo, hi - lo):
-                return 0  # else not between these two: buffers from now on
-        except OSError:
-            pass  # through the buffer again: a failing read or write names its side
-        pos = lo
-        while pos < hi:
-            n = min(len(mv), hi - pos)
-            self._read_source(mv[:n], pos)
-            self._write_target(mv[:n], pos)
-            pos += n
-        return 0
-
-    def _write_target(self, view: memoryview, offset: int) -> None:
-        target = self.target
-        assert not isinstance(target, NBDImage)
-        try:
-            target.pwrite(view, offset)
-        except OSError as e:
-            raise CopyError("target", offset, len(view), e) from e
-
-    def _target_zero(self, offset: int, length: int) -> None:
-        target = self.target
-        assert not isinstance(target, NBDImage)
-        try:
-            target.write_zeroes(offset, length)
-        except OSError as e:
-            raise CopyError("target", offset, length, e) from e
-
-    def _is_zero(self, view: memoryview, lo: int, hi: int) -> bool:
-        # memoryview == memoryview compares element by element; bytes == bytes is memcmp.
-        # Most data chunks fail on the first bytes, so test those before copying a chunk.
-        if view[lo:lo + 16].tobytes() != ZERO_BLOCK[:min(16, hi - lo)]:
-            return False
-        z = ZERO_BLOCK
-        pos = lo
-        while pos < hi:
-            n = min(len(z), hi - pos)
-            if view[pos:pos + n].tobytes() != z[:n]:
-                return False
-            pos += n
-        return True
+                nursery.start_soon(self._copier.send_op, target, op, plan)
 
     # ------------------------------------------------------------------ phases
     async def _caught_up(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 from bitarray import bitarray
-from test_mirror import FaultyImage, cfg, inline, make_pair, same, wait_state
+from helpers.images import FaultyImage, cfg, inline, make_pair, same, wait_state
 
 from mirrorfs.images import FALLOC_FL_ZERO_RANGE
 from mirrorfs.job import State
@@ -282,7 +282,7 @@ async def test_a_seek_error_while_planning_a_batch_reaches_the_policy(
         raise OSError(errno.EIO, "Input/output error")
 
     src.next_hole = broken  # type: ignore[method-assign]
-    m._plan_batch(ops, bytearray(4 * MiB))
+    m._copier.plan_batch(ops, bytearray(4 * MiB))
     assert isinstance(ops[0].error, CopyError) and ops[0].error.side == "source"
 
 
@@ -293,7 +293,7 @@ async def test_any_os_error_of_a_batch_reaches_the_policy(tmp_path: Path) -> Non
     def broken(ops: Any, buf: Any) -> None:
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    m._copy_batch_sync = broken  # type: ignore[method-assign]
+    m._copier.copy_batch = broken  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
         n.start_soon(m.run)
         await wait_state(m, State.FAILED)
