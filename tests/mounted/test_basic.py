@@ -4,7 +4,7 @@ import os
 import select
 from pathlib import Path
 
-from conftest import MiB, MirrorFactory, assert_same, make_image
+from helpers.mounted import MiB, MirrorFactory, assert_same, make_image
 
 from mirrorfs.system import alive
 

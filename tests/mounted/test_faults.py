@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from helpers.mounted import (
     MiB,
     MirrorFactory,
     Mount,
@@ -37,7 +37,7 @@ from conftest import (
     saved_header,
     wait_for_checkpoints,
 )
-from writers import (
+from helpers.writers import (
     WriterPool,
     check_source_at_pivot,
     describe_byte,

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, Mount, assert_same, make_image
-from writers import WriterPool, check_source_at_pivot, replay
+from helpers.mounted import MiB, MirrorFactory, Mount, assert_same, make_image
+from helpers.writers import WriterPool, check_source_at_pivot, replay
 
 SIZE = 32 * MiB
 FIO_REGION = 4 * MiB  # per job; four jobs: [0, 16 MiB)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from helpers.mounted import (
     MiB,
     MirrorFactory,
     Mount,
@@ -34,7 +34,7 @@ from conftest import (
     mounted,
     run_mirrorfs,
 )
-from writers import small_tmpfs
+from helpers.writers import small_tmpfs
 
 OK, EBUSY, EINVAL = 0, errno.EBUSY, errno.EINVAL
 ENDED = ("completed", "cancelled", "failed")

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, allocated, assert_same, make_image
-from loadgen import Writers
-from writers import falloc_unsupported
+from helpers.loadgen import Writers
+from helpers.mounted import MiB, MirrorFactory, allocated, assert_same, make_image
+from helpers.writers import falloc_unsupported
 
 DATA = [(0, 3 * MiB), (17 * MiB + 4096, 2 * MiB + 123), (50 * MiB, 5 * MiB)]
 

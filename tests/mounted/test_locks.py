@@ -9,7 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, Mount, assert_same, make_image, mounted, run_mirrorfs
+from helpers.mounted import MiB, MirrorFactory, Mount, assert_same, make_image, run_mirrorfs
+
+from mirrorfs.system import mounted
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,

@@ -2,22 +2,13 @@
 a server killed and restarted mid-copy. Each ends by comparing the export's backing file (the
 server stopped, so everything is on disk) with the source, byte for byte."""
 
-import importlib.util
 import os
 import time
 from pathlib import Path
 
-from conftest import MiB, MirrorFactory, assert_same, make_image, run_mirrorfs
-from loadgen import Writers
-
-# the servers, their readiness checks and the test PKI live with the client's unit tests
-_spec = importlib.util.spec_from_file_location(
-    "nbd_servers", Path(__file__).resolve().parents[1] / "unit" / "test_nbd.py")
-assert _spec is not None and _spec.loader is not None
-srv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(srv)
-nbd_tools = srv.nbd_tools  # fixtures, used by name below
-pki = srv.pki
+from helpers import nbd_servers as srv
+from helpers.loadgen import Writers
+from helpers.mounted import MiB, MirrorFactory, assert_same, make_image, run_mirrorfs
 
 SIZE = 32 * MiB
 
@@ -50,7 +41,7 @@ def mirror_with_writes(mirrorfs: MirrorFactory, src: Path, uri: str, *opts: str)
 def test_qemu_nbd_over_tcp(tmp_path: Path, mirrorfs: MirrorFactory, nbd_tools: None) -> None:
     src = make_image(tmp_path / "disk.img", SIZE)
     exp = export_file(tmp_path)
-    port = srv._free_port()
+    port = srv.free_port()
     with srv.qemu_nbd(exp, tmp_path, port=port, export="disk"):
         mirror_with_writes(mirrorfs, src, f"nbd://127.0.0.1:{port}/disk")
     assert_same(src, exp)
@@ -75,7 +66,7 @@ def test_nbdkit_over_unix_socket_cancel_in_ready(tmp_path: Path, mirrorfs: Mirro
 def test_qemu_nbd_with_tls(tmp_path: Path, mirrorfs: MirrorFactory, pki: Path) -> None:
     src = make_image(tmp_path / "disk.img", SIZE)
     exp = export_file(tmp_path)
-    port = srv._free_port()
+    port = srv.free_port()
     tls = ("--tls-ca", str(pki / "ca-cert.pem"), "--tls-cert", str(pki / "client-cert.pem"),
            "--tls-key", str(pki / "client-key.pem"))
     with srv.qemu_nbd(exp, tmp_path, port=port, export="disk", extra=srv.qemu_tls_args(pki)):
@@ -84,7 +75,7 @@ def test_qemu_nbd_with_tls(tmp_path: Path, mirrorfs: MirrorFactory, pki: Path) -
     # a server without TLS is refused, never used in clear text
     exp2 = tmp_path / "plain.img"
     exp2.write_bytes(bytes(SIZE))
-    port2 = srv._free_port()
+    port2 = srv.free_port()
     mnt = tmp_path / "refused"
     mnt.mkdir()
     with srv.qemu_nbd(exp2, tmp_path, port=port2, export="disk"):

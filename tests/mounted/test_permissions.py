@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, Mount, assert_same, make_image
+from helpers.mounted import MiB, MirrorFactory, Mount, assert_same, make_image
 
 USER = "mirrorfs-test"
 

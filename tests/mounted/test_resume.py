@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers.loadgen import Writers
+from helpers.mounted import (
     MiB,
     MirrorFactory,
     Mount,
@@ -19,8 +20,7 @@ from conftest import (
     run_mirrorfs,
     wait_for_checkpoints,
 )
-from loadgen import Writers
-from writers import WriteRec, WriterPool, check_source_at_pivot, first_diff, replay
+from helpers.writers import WriteRec, WriterPool, check_source_at_pivot, first_diff, replay
 
 SIZE = 64 * MiB
 EXTENT = 4 * MiB  # the activity log's extent (state.py's default)

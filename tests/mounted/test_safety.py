@@ -16,7 +16,6 @@ The pivot registry lives in ``$MIRRORFS_STATE_DIR``: every test points it at its
 directory, so no test reads or writes /var/lib/mirrorfs.
 """
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -28,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from helpers import nbd_servers as srv
+from helpers.mounted import (
     MiB,
     MirrorFactory,
     Mount,
@@ -38,15 +38,7 @@ from conftest import (
     mounted,
     run_mirrorfs,
 )
-from writers import resize_tmpfs, small_tmpfs
-
-# qemu-nbd and its readiness check live with the NBD client's unit tests
-_spec = importlib.util.spec_from_file_location(
-    "nbd_servers", Path(__file__).resolve().parents[1] / "unit" / "test_nbd.py")
-assert _spec is not None and _spec.loader is not None
-srv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(srv)
-nbd_tools = srv.nbd_tools  # a fixture, used by name below
+from helpers.writers import resize_tmpfs, small_tmpfs
 
 KiB = 1 << 10
 INTERVAL = 0.5  # --checkpoint-interval: a checkpoint within a second, not 10 s

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, Mount, assert_same, make_image
+from helpers.mounted import MiB, MirrorFactory, Mount, assert_same, make_image
 
 SIZE = 16 * MiB
 LEN = 20 * 1024  # an unusual length: the daemon's pwrite of it is the guest's write

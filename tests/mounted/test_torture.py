@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, assert_same, make_image
-from writers import (
+from helpers.mounted import MiB, MirrorFactory, assert_same, make_image
+from helpers.writers import (
     WriterPool,
     check_source_at_pivot,
     describe_byte,

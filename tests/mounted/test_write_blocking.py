@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, MirrorFactory, Mount, assert_same, make_image
-from loadgen import Writers, covered, differing_ranges
+from helpers.loadgen import Writers, covered, differing_ranges
+from helpers.mounted import MiB, MirrorFactory, Mount, assert_same, make_image
 
 SIZE = 8 * MiB
 SPEED = "1M"

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from bitarray import bitarray
-from test_mirror import FaultyImage, cfg, inline, make_pair, same, wait_state
+from helpers.images import FaultyImage, cfg, inline, make_pair, same, wait_state
 
 import mirrorfs.mirror as mirror_module
 from mirrorfs.job import State

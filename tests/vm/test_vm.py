@@ -12,7 +12,6 @@ accelerator (default tcg: KVM cannot be assumed).
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -21,29 +20,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers.mounted import MiB, MirrorFactory, make_image
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BUILD = ROOT / "scripts" / "vm" / "build-guest.sh"
 
 
-def _load_mounted_conftest() -> ModuleType:
-    # Loaded under a name of its own: another module named "conftest" would clash with the
-    # one the mounted tests import.
-    spec = importlib.util.spec_from_file_location(
-        "mirrorfs_mounted_conftest", ROOT / "tests" / "mounted" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mc = _load_mounted_conftest()
-MiB = mc.MiB
 
 # The guest's disk (MiB): ext4 on [0, FS), pattern A (before the pivot) at PA, pattern B
 # (after it) at PB, both PLEN long; [TAIL, DISK) is never written by the guest.
@@ -54,7 +40,7 @@ SPEED = "512K"  # the copy of 64 MiB takes >2 min: it is still running in the gu
 
 @pytest.fixture
 def mirrorfs(tmp_path: Path) -> Iterator[Any]:
-    f = mc.MirrorFactory(tmp_path)
+    f = MirrorFactory(tmp_path)
     try:
         yield f
     finally:
@@ -261,7 +247,7 @@ def debugfs_files(image: Path) -> set[str]:
 def test_guest_writes_across_the_pivot(tmp_path: Path, mirrorfs: Any,
                                        guest_files: tuple[Path, Path], cache: str) -> None:
     kernel, initrd = guest_files
-    src = mc.make_image(tmp_path / "disk.img", DISK * MiB)
+    src = make_image(tmp_path / "disk.img", DISK * MiB)
     tail_before = sha256_file(src, TAIL * MiB)
     m = mirrorfs.mount(src, None, "--speed", SPEED)
     g = Guest(tmp_path, kernel, initrd, m.img, cache)

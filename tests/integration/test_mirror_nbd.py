@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import test_nbd as servers
 import trio
 from bitarray import bitarray
+from helpers import nbd_servers as servers
 
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State
@@ -22,7 +22,6 @@ from mirrorfs.nbd import NBDImage, open_nbd
 from mirrorfs.params import CopyMode, ErrorPolicy
 
 KiB, MiB = 1 << 10, 1 << 20
-nbd_tools = servers.nbd_tools  # a fixture, used by name
 qemu_nbd = servers.qemu_nbd
 
 
