@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite: lint, unit tests, mounted tests,
-# shell end-to-end tests, and the interface contract checks (../shared/contract).
+# Sets everything up, then runs the whole test suite: lint, type checks (mypy --strict), the
+# unit, integration, mounted and VM tests, shell end-to-end tests, and the interface contract
+# checks (../shared/contract).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
 echo "=== ruff"
 .venv/bin/ruff check mirrorfs tests
+echo "=== mypy"
+.venv/bin/mypy --strict mirrorfs
 echo "=== pytest"
 .venv/bin/python -m pytest -q -ra "$@"
 if [ $# -gt 0 ]; then exit 0; fi  # a selection of tests was asked for: nothing more
