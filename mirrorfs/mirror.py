@@ -13,13 +13,10 @@ Invariants (see DOMAIN.md), kept where the comments say:
     is in flight, copies what is still dirty, flushes the target, switches, reopens.
  6. A target error never becomes a guest I/O error, nor a guest write that waits without
     end: every error opens the drain's gate, which closes again only once a copy succeeds.
- 7. A copy counts as done for good only once a flush of the target covers it. Until then its
-    range is in ``_unflushed`` (coarse extents); a failed flush, or an NBD connection that
-    was replaced (its acknowledged writes may have died in the server's cache), makes those
-    extents dirty again and starts a new target epoch: a copy or active write begun in an
-    older epoch does not count (it may have landed just before the loss). Flushes of the
-    target are serialized, and a checkpoint flushes first, then snapshots dirty, busy and
-    everything written since the flush began.
+ 7. A copy counts as done for good only once a flush of the target covers it
+    (durability.py: the unflushed map and the target epoch). A copy or active write begun
+    in an older epoch does not count; a checkpoint flushes first, then snapshots dirty,
+    busy, everything written since the flush began and what a flush in progress took.
  8. What protects a write after a crash is what is on disk (state.py): a guest write to a
     chunk the saved bitmap does not cover waits until its extent's log entry is synced.
  9. A phase change that later mounts rely on is durable before its effect: the end of a
@@ -41,15 +38,15 @@ import errno
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
 from bitarray import bitarray
-from bitarray.util import intervals
 
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.copier import BatchCopier, CopyError, CopyOp
+from mirrorfs.durability import TargetDurability, flush_image
 from mirrorfs.images import Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
@@ -101,10 +98,6 @@ async def _apply(img: Target, change: Change, lo: int, hi: int) -> None:
         await _retried(img, lambda: change.remote(img, lo, hi))
     else:
         change.local(img, lo, hi)
-
-
-def _generation(img: Target) -> int:
-    return img.generation if isinstance(img, NBDImage) else 0
 
 
 async def _retried(img: NBDImage, call: Callable[[], Awaitable[_T]]) -> _T:
@@ -209,15 +202,9 @@ class Mirror:
         # data at once (they are sent concurrently).
         self._buf_bytes = max(cfg.max_op_bytes, cfg.granularity) + (
             cfg.batch_bytes if isinstance(target, NBDImage) else 0)
-        # Invariant 7: extents written to the target since the last flush that covers them.
-        # 1 MiB extents, coarser on huge images: at most 2 Mi bits (256 KiB) per map.
-        self._unflushed_shift = max(max(cfg.granularity, 1 * MiB).bit_length() - 1,
-                                    (max(1, self.size - 1) >> 21).bit_length())
-        self._unflushed = self._new_unflushed()
-        self._flushing: bitarray | None = None  # what a flush in progress will cover
-        self._target_gen = _generation(target)
-        self._target_epoch = 0  # + 1 whenever the target may have lost acknowledged writes
-        self._flush_lock = trio.Lock()
+        # Invariant 7: what the target holds for good (durability.py).
+        self._durable = TargetDurability(target, self.bitmap, self._run_sync,
+                                         on_loss=self._wake, tracking=lambda: self.tracking)
         self._source_flush_failed = False  # a checkpoint's fsync of the source failed
         # statistics
         self.copied_bytes = 0  # bytes made equal on the target (data and zeros)
@@ -344,73 +331,10 @@ class Mirror:
                 self._wakeup.set()
 
     async def _flush(self, img: Target) -> None:
-        if isinstance(img, NBDImage):
-            await img.flush()
-        else:
-            await self._run_sync(img.flush)
+        await flush_image(img, self._run_sync)
 
-    async def _flush_target(self) -> None:
-        """Flush the target; invariant 7 either way. Raises the flush's error after making
-        what it should have covered dirty again."""
-        async with self._flush_lock:  # two flushes at once would cover for each other
-            if isinstance(self.target, NBDImage):
-                # A connection that dropped while idle: every flush needs a live one (a
-                # new one voids what the old one had not flushed, through the epoch).
-                await self.target.reconnect()
-            epoch = self._check_epoch()
-            covered, self._unflushed = self._unflushed, self._new_unflushed()
-            self._flushing = covered  # not durable until the flush returns: see _snapshot
-            try:
-                await self._flush(self.target)
-                if self._check_epoch() != epoch:
-                    raise OSError(errno.EIO, "the target may have lost writes during a flush")
-            except BaseException:
-                self._unflushed |= covered
-                self._target_lost()
-                raise
-            finally:
-                self._flushing = None
-
-    def _new_unflushed(self) -> bitarray:
-        bits = bitarray(-(-self.size // (1 << self._unflushed_shift)), endian="little")
-        bits.setall(0)
-        return bits
-
-    def _note_written(self, offset: int, length: int) -> None:
-        if length > 0:
-            sh = self._unflushed_shift
-            self._unflushed[offset >> sh:((offset + length - 1) >> sh) + 1] = 1
-
-    def _target_lost(self) -> None:
-        """What the target acknowledged since its last good flush may be gone: dirty it."""
-        for a, b in self._unflushed_chunk_runs():
-            self.bitmap.mark_chunks(a, b)
-        self._unflushed.setall(0)
-        self._target_epoch += 1  # what is in flight now may have landed before the loss
+    def _wake(self) -> None:
         self._wakeup.set()
-
-    def _unflushed_chunk_runs(self, flushing: bool = False) -> Iterator[tuple[int, int]]:
-        """The chunk ranges [a, b) of the unflushed extents; with ``flushing``, also those
-        a flush in progress has taken but not yet made durable."""
-        sh, g_shift, n = self._unflushed_shift, self.bitmap.shift, self.bitmap.nchunks
-        bits = self._unflushed
-        if flushing and self._flushing is not None:
-            bits = bits | self._flushing
-        for value, a, b in intervals(bits):
-            if value:
-                yield a << sh >> g_shift, min(n, -(-(b << sh) >> g_shift))
-
-    def _check_epoch(self) -> int:
-        """Notice an NBD target's replaced connection (invariant 7); returns the current
-        target epoch. Once the job has ended, a lost write is the guest's to hear about
-        (its next fsync fails), not ours to recopy."""
-        target = self.target
-        if isinstance(target, NBDImage) and target.generation != self._target_gen \
-                and self.tracking:
-            self._target_gen = target.generation
-            target.forget_lost_writes()  # handled here: the extents are dirty again
-            self._target_lost()
-        return self._target_epoch
 
     async def fsync(self) -> None:
         serving = self.serving
@@ -424,7 +348,7 @@ class Mirror:
         await self._flush(serving)
         if serving is self.source and self._active:
             try:
-                await self._flush_target()
+                await self._durable.flush()
             except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
                 self._on_error(CopyError("target", 0, self.size, e))
 
@@ -470,7 +394,7 @@ class Mirror:
                 raise
             lo, hi = self._target_part(offset, offset + length)
             if lo < hi:
-                epoch = self._check_epoch()
+                epoch = self._durable.check_epoch()
                 try:
                     if not await self._apply_to_target(change, lo, hi):
                         self.bitmap.mark_chunks(a, b)  # the copier writes these zeros
@@ -482,12 +406,12 @@ class Mirror:
                     self.bitmap.mark_chunks(a, b)  # cancelled: the target may lack it
                     raise
                 else:
-                    if self._check_epoch() != epoch:
+                    if self._durable.check_epoch() != epoch:
                         self.bitmap.mark_chunks(a, b)  # the target may have lost it
                         return True
                     ca, cb = self._full_chunks(lo, hi)
                     self.bitmap.clear_chunks(ca, cb)
-                    self._note_written(lo, hi - lo)
+                    self._durable.note_written(lo, hi - lo)
                     self.active_bytes += hi - lo
                     self.copied_bytes += hi - lo
         finally:
@@ -711,11 +635,11 @@ class Mirror:
         """What may differ between source and target, as far as the disk knows, right after
         a flush of both: dirty, in flight, written since the flush began, and what another
         flush of the target (a guest's fsync) has taken but not yet made durable."""
-        self._check_epoch()
+        self._durable.check_epoch()
         self.bitmap.copy_into(into)
         for busy in self._busy:
             into[busy.a:busy.b] = 1
-        for a, b in self._unflushed_chunk_runs(flushing=True):
+        for a, b in self._durable.chunk_runs(flushing=True):
             into[a:b] = 1
 
     async def _log(self, a: int, b: int) -> None:
@@ -787,7 +711,7 @@ class Mirror:
 
     async def _flush_images(self) -> None:
         try:
-            await self._flush_target()
+            await self._durable.flush()
         except OSError as e:
             raise CopyError("target", 0, self.size, e) from e
         try:
@@ -965,7 +889,7 @@ class Mirror:
 
     def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
         start, end = self.bitmap.byte_range(a, b)
-        op = CopyOp(a, b, start, end - start, zero, epoch=self._target_epoch)
+        op = CopyOp(a, b, start, end - start, zero, epoch=self._durable.epoch)
         op.busy = self._hold(a, b, end - start)
         return op
 
@@ -995,7 +919,7 @@ class Mirror:
     def _settle(self, ops: list[CopyOp]) -> None:
         now = self._now()
         first_error: CopyError | None = None
-        epoch = self._check_epoch()
+        epoch = self._durable.check_epoch()
         for op in ops:
             if op.done and op.epoch != epoch:
                 op.done = False  # the target may have lost it (invariant 7)
@@ -1003,7 +927,7 @@ class Mirror:
                 self.bitmap.mark_chunks(op.a, op.b)  # invariant 3: dirty again first
                 first_error = first_error or op.error
             else:
-                self._note_written(op.offset, op.length)
+                self._durable.note_written(op.offset, op.length)
                 self.copied_bytes += op.length
                 self.zeroed_bytes += op.zero_bytes
                 self.meter.add(op.length, now)
@@ -1028,7 +952,7 @@ class Mirror:
         except OSError as e:
             ops[0].error = CopyError("target", ops[0].offset, ops[0].length, e)
             return
-        epoch = self._check_epoch()  # a replaced connection: the old epoch's copies are void
+        epoch = self._durable.check_epoch()  # a replaced connection: old epochs' copies void
         for op in ops:
             op.epoch = epoch  # nothing of these is written yet
         plans = await self._run_sync(self._copier.plan_batch, ops, buf)
@@ -1046,13 +970,13 @@ class Mirror:
             self.actively_synced = True
             self.job.emit("actively_synced")
         if self.job.state is State.COPYING:
-            epoch = self._target_epoch
+            epoch = self._durable.epoch
             try:
-                await self._flush_target()
+                await self._durable.flush()
             except OSError as e:  # what it should have covered is dirty again
                 self._on_error(CopyError("target", 0, self.size, e))
                 return
-            if self.job.state is not State.COPYING or self._check_epoch() != epoch:
+            if self.job.state is not State.COPYING or self._durable.check_epoch() != epoch:
                 return  # paused, cancelled or a lost target meanwhile: go round again
             self._checkpoint_soon = True  # a crash right after ready must not recopy all
             self.job.ready = True
@@ -1063,9 +987,9 @@ class Mirror:
         """The gate is closed, nothing is dirty or in flight: flush, then pivot or end.
         Every await is followed by the same check: a checkpoint's failing flush, a pause or
         a replaced connection may have changed the picture meanwhile; then go round again."""
-        epoch = self._target_epoch
+        epoch = self._durable.epoch
         try:
-            await self._flush_target()
+            await self._durable.flush()
         except OSError as e:  # what the flush should have covered is dirty again
             self._open_gate()
             self._on_error(CopyError("target", 0, self.size, e))
@@ -1134,7 +1058,7 @@ class Mirror:
         """Still draining, gate closed, nothing busy or dirty, no loss since ``epoch``?"""
         return (self.job.state in (State.COMPLETING, State.CANCELLING)
                 and self._gate is not None and not self._busy
-                and not self.bitmap.dirty_chunks and self._check_epoch() == epoch)
+                and not self.bitmap.dirty_chunks and self._durable.check_epoch() == epoch)
 
     def _end(self, state: State, consistent: bool) -> None:
         assert state in ENDED
