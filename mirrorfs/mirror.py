@@ -45,6 +45,7 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.bitmap import DirtyBitmap
+from mirrorfs.checkpointer import Checkpointer
 from mirrorfs.copier import BatchCopier, CopyError, CopyOp
 from mirrorfs.durability import TargetDurability, flush_image
 from mirrorfs.images import Image
@@ -52,7 +53,7 @@ from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.ratelimit import RateMeter, TokenBucket
-from mirrorfs.state import ActivityLog, StateFileLost, remove_durably
+from mirrorfs.state import ActivityLog
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,6 @@ class Mirror:
         self._gate: trio.Event | None = None  # set while guest writes must wait
         self._abandon = False  # cancel force / cancel before ready: stop, copy nothing more
         self._untracked = False  # the job's end (or the pivot) is durable: see ``tracking``
-        self._keep_tracking = False  # a stale state file could not be removed (_drop_state)
         self._pivoting = False  # the pivot's records are being made or undone (_finish)
         self._reopen_gate = False  # ... and something asked to open the gate meanwhile
         self._paused_from: State | None = None
@@ -214,12 +214,15 @@ class Mirror:
         self._ops_seen = 0
         self._batch_done_at = 0.0
         self._copier_idle = False  # the loop waits for work: guest writes must wake it
-        self.persist = persist  # the state file's activity log (None: no state file)
+        self._state = Checkpointer(
+            persist, self.job, interval_s=cfg.checkpoint_s,
+            max_logged_extents=cfg.max_logged_extents, nchunks=self.bitmap.nchunks,
+            snapshot=self._snapshot, flush_images=self._flush_images,
+            on_copy_error=self._on_error, copied=lambda: self.copied_bytes, clock=clock)
         # The pivot registry (pivots.py): blocking calls, run off the trio thread. The pivot
         # is recorded there before the target goes live, and forgotten if it does not.
         self._record_pivot_hook = record_pivot
         self._forget_pivot = forget_pivot
-        self._checkpoint_soon = False
         # Called right before a guest write is copied into the source inline, with nothing
         # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
         self.before_inline_write: Callable[[int], None] | None = None
@@ -317,7 +320,7 @@ class Mirror:
                 break
             # Crash safety: the extent must be in the activity log on disk before the
             # source changes. Then look at the gate again: it may have closed meanwhile.
-            await self._log(a, b)
+            await self._state.log(a, b)
             persist = self.persist
         # No checkpoint from here to the mark: the change and its dirty bit are atomic
         # with respect to the copier, checkpoints and the drain. The mark comes even after
@@ -384,7 +387,7 @@ class Mirror:
         try:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
-                await self._log(a, b)
+                await self._state.log(a, b)
             if not isinstance(self.target, NBDImage):  # both writes inline: no await left
                 self._announce_inline_write(change, length)
             try:
@@ -608,7 +611,7 @@ class Mirror:
         of their own, so the loop always waits for them (no copy outlives the job)."""
         async with trio.open_nursery() as nursery:
             if self.persist is not None:
-                nursery.start_soon(self._checkpointer)
+                nursery.start_soon(self._state.run)
             while not self.job.ended:
                 await self._step(nursery)
             nursery.cancel_scope.cancel()  # the checkpointer; batches are done by now
@@ -622,12 +625,7 @@ class Mirror:
         copy). A completed job recorded its end before the pivot."""
         if self.serving is self.target:
             return
-        if self.persist is not None:
-            try:
-                await self.persist.set_fields(phase=str(self.job.state))
-            except OSError as e:  # StateFileLost too: drop it, or keep tracking
-                self._drop_state(e)
-        if not self._keep_tracking:
+        if await self._state.record_end(str(self.job.state)):
             self._untracked = True
 
     # ------------------------------------------------------------------ the state file
@@ -642,49 +640,14 @@ class Mirror:
         for a, b in self._durable.chunk_runs(flushing=True):
             into[a:b] = 1
 
-    async def _log(self, a: int, b: int) -> None:
-        """Log chunks [a, b) in the activity log. If the state file cannot be written, the
-        guest's write must still succeed (a state file is not the disk): the job goes on
-        without one, and the stale file is removed so that no later mount trusts it."""
-        assert self.persist is not None
-        try:
-            await self.persist.log(a, b)
-        except OSError as e:
-            self._drop_state(e)
-
-    def _drop_state(self, e: OSError) -> bool:
-        """Stop using a state file that cannot be written: remove it, durably (no state
-        means no resume: the next mount starts a new job, a full copy). False if it could
-        not be removed either: it then still says what it said, and tracking never stops."""
-        persist = self.persist
-        if persist is None:  # another task dropped it meanwhile
-            return not self._keep_tracking
-        path = persist.sf.path
-        self.persist = None
-        removed = remove_durably(path) or persist.sf.void()
-        if removed:
-            msg = f"cannot write the state file {path} ({e.strerror or e}): the job goes " \
-                  "on without one, and a crash now means a full copy"
-        else:
-            self._keep_tracking = True
-            msg = f"cannot write or remove the state file {path} ({e.strerror or e}): " \
-                  "remove it by hand before the next mount, or mount with --fresh"
-        log.error("%s", msg)
-        self.job.emit("error", side="state", message=msg, action="dropped state file")
-        return removed
+    @property
+    def persist(self) -> ActivityLog | None:
+        """The state file's activity log (None: no state file, never kept or dropped)."""
+        return self._state.persist
 
     async def checkpoint(self, flush: bool = True, **fields: Any) -> None:
-        """Save the job's state. Both images are flushed first, outside the state file's
-        lock (a slow target flush must not hold up guest writes that need a log entry);
-        the snapshot then claims clean only what that flush covered (invariant 7). Without
-        ``flush`` (the first one, before any guest write) it claims clean only what was
-        clean when the job started, and what a flush covered since."""
-        if self.persist is None:
-            return
-        if flush:
-            await self._flush_images()
-        if self.persist is not None:  # raises StateFileLost if the file is no good now
-            await self.persist.checkpoint(self._snapshot, **fields)
+        """Save the job's state now (see checkpointer.py)."""
+        await self._state.checkpoint(flush, **fields)
 
     async def save_final_state(self, source_id: dict[str, Any],
                                target_id: dict[str, Any]) -> None:
@@ -719,34 +682,6 @@ class Mirror:
         except OSError:
             self._source_flush_failed = True  # the guest's next fsync must hear of it
             raise
-
-    async def _checkpointer(self) -> None:
-        if self.persist is None:
-            return
-        # a huge bitmap (16 TiB: 32 MiB) is saved less often: at most ~8 MiB/s of metadata
-        interval = max(self.cfg.checkpoint_s, self.bitmap.nchunks / 8 / (8 << 20))
-        last = self._now()
-        last_copied = self.copied_bytes
-        while self.persist is not None:
-            await trio.sleep(0.5)
-            if self.persist is None:
-                return
-            al_full = self.persist.al.count(1) >= self.cfg.max_logged_extents
-            due = self._now() - last >= interval
-            if al_full or self._checkpoint_soon or (
-                    due and (self.copied_bytes != last_copied or self.persist.al.any())):
-                self._checkpoint_soon = False
-                try:
-                    await self.checkpoint()
-                except CopyError as e:  # the target's flush: its extents are dirty again
-                    self._on_error(e)
-                except StateFileLost as e:
-                    self._drop_state(e)
-                except OSError as e:
-                    log.error("cannot save the job's state: %s", e)
-                    self.job.emit("error", side="state", message=f"saving state: {e}",
-                                  action="retry")
-                last, last_copied = self._now(), self.copied_bytes
 
     async def _step(self, nursery: trio.Nursery) -> None:
         self._wakeup = trio.Event()
@@ -978,7 +913,7 @@ class Mirror:
                 return
             if self.job.state is not State.COPYING or self._durable.check_epoch() != epoch:
                 return  # paused, cancelled or a lost target meanwhile: go round again
-            self._checkpoint_soon = True  # a crash right after ready must not recopy all
+            self._state.soon = True  # a crash right after ready must not recopy all
             self.job.ready = True
             self.job.transition(State.READY, "ready", copied_bytes=self.copied_bytes,
                                 elapsed_seconds=round(self._now() - self._t0, 3))
@@ -1030,8 +965,7 @@ class Mirror:
                 # the source's mtime, which the record names, must be on disk first
                 await self._flush(self.source)
                 await self._run_sync(self._record_pivot_hook)
-            if self.persist is not None:
-                await self.persist.set_fields(phase="completed", clean=False)
+            await self._state.set_phase(phase="completed", clean=False)
         except OSError as e:
             await self._unrecord_pivot()
             self._open_gate()
@@ -1043,11 +977,10 @@ class Mirror:
         """The pivot did not happen: the state file says running again (else it is
         dropped), then the registry forgets it. In that order: a crash between them leaves
         a refusal, never a copy over a live image."""
-        if self.persist is not None:
-            try:
-                await self.persist.set_fields(phase="running")
-            except OSError as e:
-                self._drop_state(e)
+        try:
+            await self._state.set_phase(phase="running")
+        except OSError as e:
+            self._state.drop(e)
         if self._forget_pivot is not None:
             try:
                 await self._run_sync(self._forget_pivot)

@@ -23,7 +23,7 @@ import trio.testing
 from bitarray import bitarray
 from helpers.images import FaultyImage, cfg, inline, make_pair, same, wait_state
 
-import mirrorfs.mirror as mirror_module
+import mirrorfs.checkpointer as checkpointer_module
 from mirrorfs.job import State
 from mirrorfs.mirror import Mirror
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
@@ -469,7 +469,7 @@ async def test_a_state_file_that_cannot_be_removed_is_never_resumed_from(
     is unmounted cleanly (save_final_state: persist is None, nothing saved). The stale
     file says phase=running, not clean: the next mount resumes "after a crash" from its
     P and log, which do not hold chunk 128. Only the log says to remove it by hand."""
-    monkeypatch.setattr(mirror_module, "remove_durably", lambda path: False)
+    monkeypatch.setattr(checkpointer_module, "remove_durably", lambda path: False)
     size = 16 * MiB
     src, tgt = make_pair(tmp_path, size, data=bytes(size))
     sf = _state(tmp_path, src, tgt)
