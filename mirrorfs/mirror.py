@@ -47,6 +47,7 @@ from bitarray import bitarray
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.checkpointer import Checkpointer
 from mirrorfs.copier import BatchCopier, CopyError, CopyOp
+from mirrorfs.drain import Gate, PivotRecords
 from mirrorfs.durability import TargetDurability, flush_image
 from mirrorfs.images import Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
@@ -188,11 +189,9 @@ class Mirror:
         self._batches = 0
         self._inflight_data = 0
         self._wakeup = trio.Event()
-        self._gate: trio.Event | None = None  # set while guest writes must wait
+        self._gate = Gate()  # closed: guest writes wait (drain.py)
         self._abandon = False  # cancel force / cancel before ready: stop, copy nothing more
         self._untracked = False  # the job's end (or the pivot) is durable: see ``tracking``
-        self._pivoting = False  # the pivot's records are being made or undone (_finish)
-        self._reopen_gate = False  # ... and something asked to open the gate meanwhile
         self._paused_from: State | None = None
         self._backoff_s = 0.0
         self._backoff_until = 0.0
@@ -221,8 +220,9 @@ class Mirror:
             on_copy_error=self._on_error, copied=lambda: self.copied_bytes, clock=clock)
         # The pivot registry (pivots.py): blocking calls, run off the trio thread. The pivot
         # is recorded there before the target goes live, and forgotten if it does not.
-        self._record_pivot_hook = record_pivot
-        self._forget_pivot = forget_pivot
+        self._pivot_records = PivotRecords(
+            self._state, source.path, record_pivot, forget_pivot,
+            flush_source=lambda: self._flush(self.source), run_sync=self._run_sync)
         # Called right before a guest write is copied into the source inline, with nothing
         # after it that can suspend: the FUSE layer's write read-ahead (see mount.py).
         self.before_inline_write: Callable[[int], None] | None = None
@@ -304,8 +304,7 @@ class Mirror:
         self.guest_ops += 1
         persist = self.persist
         while True:
-            while self._gate is not None:
-                await self._gate.wait()
+            await self._gate.wait_open()
             if not self.tracking:
                 await _apply(self.serving, change, offset, offset + length)
                 return
@@ -381,7 +380,7 @@ class Mirror:
         # (the check and the hold happen with no checkpoint in between).
         while (other := self._overlap(a, b)) is not None:
             await other.done.wait()
-        if self._gate is not None or not self._active:
+        if self._gate.closed or not self._active:
             return False
         busy = self._hold(a, b, 0)
         try:
@@ -479,7 +478,7 @@ class Mirror:
             self._paused_from = None
         self.job.transition(State.CANCELLING, "cancelling", force=force,
                             remaining_bytes=self.remaining_bytes)
-        self._open_gate()
+        self._gate.open()
         self._wakeup.set()
 
     def pause(self) -> None:
@@ -489,7 +488,7 @@ class Mirror:
     def _pause(self, error: str | None) -> None:
         self._paused_from = self.job.state
         self.job.transition(State.PAUSED, "paused", **({"error": error} if error else {}))
-        self._open_gate()  # never hold the guest while nothing copies
+        self._gate.open()  # never hold the guest while nothing copies
         self._wakeup.set()
 
     def resume(self) -> None:
@@ -541,14 +540,14 @@ class Mirror:
             self._backoff_until = self._now() + self._backoff_s
         # Invariant 6: a closed gate must not hold the guest while the copy behind it keeps
         # failing. It closes again only once a copy has succeeded (``_step``).
-        self._open_gate()
+        self._gate.open()
         self._wakeup.set()
 
     def _fail(self, msg: str) -> None:
         self.job.error = msg
         self.job.target_consistent = False
         self.job.transition(State.FAILED, "failed", error=msg)
-        self._open_gate()
+        self._gate.open()
 
     # ================================================================== status
     @property
@@ -703,13 +702,13 @@ class Mirror:
         if self._backoff_s and not self._busy and not self.bitmap.dirty_chunks:
             self._backoff_s = 0.0  # nothing left to retry: the error is behind us
         draining = state in (State.COMPLETING, State.CANCELLING)
-        if draining and self._gate is None and not self._backoff_s \
+        if draining and not self._gate.closed and not self._backoff_s \
                 and self.remaining_bytes <= self.cfg.drain_bytes:
-            self._gate = trio.Event()  # invariant 4: stop admitting writes
-        if self._gate is not None and not self._busy and not self.bitmap.dirty_chunks:
+            self._gate.close()  # invariant 4: stop admitting writes
+        if self._gate.closed and not self._busy and not self.bitmap.dirty_chunks:
             await self._finish()
             return
-        delay = self._start_batches(nursery, unthrottled=self._gate is not None)
+        delay = self._start_batches(nursery, unthrottled=self._gate.closed)
         if not self._busy and not self.bitmap.dirty_chunks:
             await self._caught_up()
             if self.job.ended or self.job.state is not state:
@@ -926,7 +925,7 @@ class Mirror:
         try:
             await self._durable.flush()
         except OSError as e:  # what the flush should have covered is dirty again
-            self._open_gate()
+            self._gate.open()
             self._on_error(CopyError("target", 0, self.size, e))
             return
         if not self._drained(epoch):
@@ -935,62 +934,27 @@ class Mirror:
             # Shielded: an unmount must not leave the registry and the state file saying
             # different things. The gate stays closed until the records are made or undone:
             # no write may be acknowledged on the source while they say the target is live.
-            with trio.CancelScope(shield=True):
-                self._pivoting = True
+            with trio.CancelScope(shield=True), self._gate.held():
                 try:
-                    if not await self._record_pivot():
-                        return
-                    if self.job.state is not State.COMPLETING or not self._drained(epoch):
-                        # not pivoting after all (a cancel force, a pause, a loss meanwhile)
-                        await self._unrecord_pivot()
-                        return
-                    self.serving = self.target  # from now on the guest's I/O goes there
-                    self._untracked = True
-                finally:
-                    self._pivoting = False
-                    if self._reopen_gate:
-                        self._reopen_gate = False
-                        self._open_gate()
+                    await self._pivot_records.record()
+                except OSError as e:
+                    self._gate.open()
+                    self._fail(f"cannot record the pivot: {e.strerror or e}")
+                    return
+                if self.job.state is not State.COMPLETING or not self._drained(epoch):
+                    # not pivoting after all (a cancel force, a pause, a loss meanwhile)
+                    await self._pivot_records.undo()
+                    return
+                self.serving = self.target  # from now on the guest's I/O goes there
+                self._untracked = True
             self._end(State.COMPLETED, consistent=True)
         elif self.job.state is State.CANCELLING:
             self._end(State.CANCELLED, consistent=True)
 
-    async def _record_pivot(self) -> bool:
-        """Invariant 9: before the target is served, record durably that it is the live
-        image: in the pivot registry (which any later mount of the source consults, state
-        file or not) and in the state file. A later mount must never copy the then stale
-        source over it. False, the job failed, where that cannot be done."""
-        try:
-            if self._record_pivot_hook is not None:
-                # the source's mtime, which the record names, must be on disk first
-                await self._flush(self.source)
-                await self._run_sync(self._record_pivot_hook)
-            await self._state.set_phase(phase="completed", clean=False)
-        except OSError as e:
-            await self._unrecord_pivot()
-            self._open_gate()
-            self._fail(f"cannot record the pivot: {e.strerror or e}")
-            return False
-        return True
-
-    async def _unrecord_pivot(self) -> None:
-        """The pivot did not happen: the state file says running again (else it is
-        dropped), then the registry forgets it. In that order: a crash between them leaves
-        a refusal, never a copy over a live image."""
-        try:
-            await self._state.set_phase(phase="running")
-        except OSError as e:
-            self._state.drop(e)
-        if self._forget_pivot is not None:
-            try:
-                await self._run_sync(self._forget_pivot)
-            except OSError as e:  # a stale record refuses the next mount: safe, and said
-                log.error("cannot remove the pivot record of %s: %s", self.source.path, e)
-
     def _drained(self, epoch: int) -> bool:
         """Still draining, gate closed, nothing busy or dirty, no loss since ``epoch``?"""
         return (self.job.state in (State.COMPLETING, State.CANCELLING)
-                and self._gate is not None and not self._busy
+                and self._gate.closed and not self._busy
                 and not self.bitmap.dirty_chunks and self._durable.check_epoch() == epoch)
 
     def _end(self, state: State, consistent: bool) -> None:
@@ -1001,12 +965,4 @@ class Mirror:
         if state is State.CANCELLED and not consistent:
             details["remaining_bytes"] = self.remaining_bytes
         self.job.transition(state, str(state), **details)
-        self._open_gate()
-
-    def _open_gate(self) -> None:
-        if self._pivoting:  # see _finish: it opens the gate once the records agree
-            self._reopen_gate = True
-            return
-        if self._gate is not None:
-            gate, self._gate = self._gate, None
-            gate.set()
+        self._gate.open()
