@@ -12,7 +12,7 @@ into a buffer first, then written as planned.
 """
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mirrorfs.images import ZERO_BLOCK, Image
@@ -237,18 +237,17 @@ class BatchCopier:
         return 0
 
     def _write_target(self, view: memoryview, offset: int) -> None:
-        target = self.target
-        assert not isinstance(target, NBDImage)
-        try:
-            target.pwrite(view, offset)
-        except OSError as e:
-            raise CopyError("target", offset, len(view), e) from e
+        self._on_target(lambda t: t.pwrite(view, offset), offset, len(view))
 
     def _target_zero(self, offset: int, length: int) -> None:
+        self._on_target(lambda t: t.write_zeroes(offset, length), offset, length)
+
+    def _on_target(self, call: Callable[[Image], object], offset: int, length: int) -> None:
+        """``call`` on the local target; its error as the target's, for the policy."""
         target = self.target
         assert not isinstance(target, NBDImage)
         try:
-            target.write_zeroes(offset, length)
+            call(target)
         except OSError as e:
             raise CopyError("target", offset, length, e) from e
 
