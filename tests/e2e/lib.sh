@@ -4,6 +4,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 MFS=${MIRRORFS:-$ROOT/.venv/bin/mirrorfs}
 T=$(mktemp -d /tmp/mirrorfs-e2e.XXXX)
+export MIRRORFS_STATE_DIR=$T/registry  # pivots recorded by these tests stay with them
 NAME=$(basename "$0" .sh)
 cleanup() {
 	local rc=$?
