@@ -228,8 +228,9 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def _run_daemon(a: argparse.Namespace) -> int:
     from mirrorfs import mount  # imports pyfuse3: only in the daemon
+    from mirrorfs.prepare import MountOptions
 
-    opts = mount.MountOptions(
+    opts = MountOptions(
         source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,
         granularity=a.granularity, speed=a.speed, buf_size=a.buf_size,
         copy_mode=a.copy_mode, on_source_error=a.on_source_error,
