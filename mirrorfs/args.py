@@ -67,7 +67,9 @@ def _poll_us(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
+    from mirrorfs.params import CopyMode, ErrorPolicy, MountOptions, SyncMode
+
+    d = MountOptions.default  # the defaults live with the options themselves
 
     ap = argparse.ArgumentParser(prog="mirrorfs", description=(
         "Mirror a live raw disk image to a new target through a FUSE mount."))
@@ -79,19 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file (created sparse if missing), block device, or NBD URI "
                         "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...)")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
-    m.add_argument("--sync", **_choice(SyncMode), default=SyncMode.FULL)
+    m.add_argument("--sync", **_choice(SyncMode), default=d("sync"))
     m.add_argument("--granularity", type=_size_arg(GRANULARITY_MIN, GRANULARITY_MAX, True),
-                   default=64 << 10, metavar="SIZE", help="bytes per dirty bit (default 64K)")
-    m.add_argument("--speed", type=_size_arg(0, 1 << 50), default=0, metavar="RATE",
+                   default=d("granularity"), metavar="SIZE",
+                   help="bytes per dirty bit (default 64K)")
+    m.add_argument("--speed", type=_size_arg(0, 1 << 50), default=d("speed"), metavar="RATE",
                    help="copy rate limit in bytes/s, 0 = unlimited (default)")
-    m.add_argument("--buf-size", type=_size_arg(GRANULARITY_MIN, 1 << 30), default=16 << 20,
-                   metavar="SIZE", help="bytes in flight at once (default 16M)")
-    m.add_argument("--copy-mode", **_choice(CopyMode),
-                   default=CopyMode.BACKGROUND)
-    m.add_argument("--on-source-error", **_choice(ErrorPolicy),
-                   default=ErrorPolicy.REPORT)
-    m.add_argument("--on-target-error", **_choice(ErrorPolicy),
-                   default=ErrorPolicy.REPORT)
+    m.add_argument("--buf-size", type=_size_arg(GRANULARITY_MIN, 1 << 30),
+                   default=d("buf_size"), metavar="SIZE",
+                   help="bytes in flight at once (default 16M)")
+    m.add_argument("--copy-mode", **_choice(CopyMode), default=d("copy_mode"))
+    m.add_argument("--on-source-error", **_choice(ErrorPolicy), default=d("on_source_error"))
+    m.add_argument("--on-target-error", **_choice(ErrorPolicy), default=d("on_target_error"))
     m.add_argument("--name", help="the image's file name in the mount (default: SOURCE's)")
     m.add_argument("--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--allow-other", action="store_true",
@@ -103,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the job's state file (default: TARGET.mirrorfs)")
     state.add_argument("--no-state", action="store_true",
                        help="keep no state file (a crash or restart then means a full copy)")
-    m.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="S",
+    m.add_argument("--checkpoint-interval", dest="checkpoint_s", type=_seconds,
+                   default=d("checkpoint_s"), metavar="S",
                    help="save the copy's progress in the state file every S seconds "
                         "(default 10; also at ready and when the activity log fills)")
-    m.add_argument("--poll-us", type=_poll_us, default=50, metavar="US",
+    m.add_argument("--poll-us", type=_poll_us, default=d("poll_us"), metavar="US",
                    help="after a reply, poll up to US microseconds for the next request "
                         "before sleeping (adaptive, as QEMU's poll-max-ns; 0 = never; "
                         "default 50)")

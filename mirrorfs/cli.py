@@ -228,18 +228,9 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def _run_daemon(a: argparse.Namespace) -> int:
     from mirrorfs import mount  # imports pyfuse3: only in the daemon
-    from mirrorfs.prepare import MountOptions
+    from mirrorfs.params import MountOptions
 
-    opts = MountOptions(
-        source=a.source, target=a.target, mountpoint=a.mountpoint, sync=a.sync,
-        granularity=a.granularity, speed=a.speed, buf_size=a.buf_size,
-        copy_mode=a.copy_mode, on_source_error=a.on_source_error,
-        on_target_error=a.on_target_error, name=a.name, foreground=True,
-        allow_other=a.allow_other, debug=a.debug, log_file=a.log_file,
-        notify_fd=a.notify_fd, state=a.state, fresh=a.fresh, tls_ca=a.tls_ca,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, checkpoint_s=max(0.5, a.checkpoint_interval),
-        no_state=a.no_state, poll_us=a.poll_us)
-    return mount.run_daemon(opts)
+    return mount.run_daemon(MountOptions.from_args(a, foreground=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from bitarray import bitarray
 from mirrorfs.fs import MirrorOperations
 from mirrorfs.job import Job
 from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.params import MountOptions
 from mirrorfs.pivots import PivotRegistry, source_identity
-from mirrorfs.prepare import MountError, MountOptions, Prepared, image_id, prepare
+from mirrorfs.prepare import MountError, Prepared, image_id, prepare
 from mirrorfs.state import ActivityLog
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from mirrorfs.images import FileImage
 from mirrorfs.locks import ImageLocked, lock_image
 from mirrorfs.mirror import Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
-from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
+from mirrorfs.params import MountOptions
 from mirrorfs.pivots import PivotRegistry, source_identity
 from mirrorfs.state import (
     DEFAULT_EXTENT,
@@ -38,34 +38,6 @@ log = logging.getLogger(__name__)
 
 class MountError(Exception):
     """A reason not to mount, as one line for the user."""
-
-
-@dataclasses.dataclass
-class MountOptions:
-    source: str
-    target: str
-    mountpoint: str
-    sync: SyncMode = SyncMode.FULL
-    granularity: int = 64 << 10
-    speed: int = 0
-    buf_size: int = 16 << 20
-    copy_mode: CopyMode = CopyMode.BACKGROUND
-    on_source_error: ErrorPolicy = ErrorPolicy.REPORT
-    on_target_error: ErrorPolicy = ErrorPolicy.REPORT
-    name: str | None = None
-    foreground: bool = False
-    allow_other: bool = False
-    debug: bool = False
-    log_file: str | None = None
-    notify_fd: int | None = None
-    state: str | None = None  # the state file (default: TARGET.mirrorfs for a file target)
-    fresh: bool = False  # ignore an existing state file
-    tls_ca: str | None = None  # nbds:// targets
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    checkpoint_s: float = 10.0
-    no_state: bool = False
-    poll_us: int = 50  # adaptive polling for the next FUSE request (0: off)
 
 
 @dataclasses.dataclass
