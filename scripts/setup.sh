@@ -30,17 +30,23 @@ if [ ! -x .venv/bin/python ]; then
 	echo "setup: creating .venv"
 	"$PY" -m venv .venv
 fi
-# pyfuse3 3.5.0 with third_party/pyfuse3.patch: a fallocate handler (without it the kernel
-# never passes a guest's punch-hole / zero-range / discard on to us), a non-blocking FUSE
-# fd read before each epoll wait (3x the 4 KiB IOPS: see README, Benchmarks), writes
-# handed to the handler as a view of the receive buffer instead of a copy, and adaptive
-# polling for the next request before an epoll wait (about half the latency at queue depth 1),
-# its version as a constant (importlib.metadata cost every mount's start 12 ms), and a helper
-# thread that receives the next request while a large write is handled (1 MiB writes +25-45%).
+# pyfuse3 3.5.0 with the patch series in third_party/pyfuse3/ (its `series` file gives the
+# order; each patch's header says what it does and why). Each patch adds its name to
+# pyfuse3.MIRRORFS_PATCHES: pyfuse3 is rebuilt unless the installed one has exactly the
+# series' names, so a patch added to the series or left out of it triggers a rebuild.
 PYFUSE3_VERSION=3.5.0
+PYFUSE3_PATCHES=third_party/pyfuse3
+mapfile -t pyfuse3_series < <(grep -v -e '^#' -e '^[[:space:]]*$' "$PYFUSE3_PATCHES/series")
+mapfile -t pyfuse3_markers < <(cd "$PYFUSE3_PATCHES" &&
+	sed -n "s/^+MIRRORFS_PATCHES = .* + ('\([^']*\)',)\$/\1/p" "${pyfuse3_series[@]}")
+if [ ${#pyfuse3_markers[@]} -ne ${#pyfuse3_series[@]} ]; then
+	echo "setup: each patch in $PYFUSE3_PATCHES/series must add one name to MIRRORFS_PATCHES" >&2
+	exit 1
+fi
 pyfuse3_patched() {
 	.venv/bin/python -c 'import pyfuse3, sys
-sys.exit("write-read-ahead-hint" not in getattr(pyfuse3, "MIRRORFS_PATCHES", ()))' 2> /dev/null
+sys.exit(sorted(getattr(pyfuse3, "MIRRORFS_PATCHES", ())) != sorted(sys.argv[1:]))' \
+		"${pyfuse3_markers[@]}" 2> /dev/null
 }
 if ! pyfuse3_patched; then
 	echo "setup: building pyfuse3 $PYFUSE3_VERSION with mirrorfs's patches"
@@ -48,7 +54,10 @@ if ! pyfuse3_patched; then
 	work=$(mktemp -d)
 	.venv/bin/pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$work"
 	tar xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
-	patch -s -p1 -d "$work/pyfuse3-$PYFUSE3_VERSION" < third_party/pyfuse3.patch
+	for p in "${pyfuse3_series[@]}"; do
+		patch -s -p1 -d "$work/pyfuse3-$PYFUSE3_VERSION" < "$PYFUSE3_PATCHES/$p" ||
+			{ echo "setup: $PYFUSE3_PATCHES/$p does not apply" >&2; exit 1; }
+	done
 	rm -f "$work/pyfuse3-$PYFUSE3_VERSION/src/pyfuse3/__init__.c"  # regenerate with Cython
 	.venv/bin/pip install -q "$work/pyfuse3-$PYFUSE3_VERSION"
 	rm -rf "$work"
