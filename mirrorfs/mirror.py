@@ -5,8 +5,8 @@ Invariants (see DOMAIN.md), kept where the comments say:
     clears a chunk's bit before it reads the source. A write racing a copy re-dirties the
     chunk and it is copied again.
  2. Never two operations on overlapping chunks at once: every copy and every active write
-    holds its chunk range in ``_busy`` while it runs; an active write waits for overlapping
-    ones first, and the copier never picks a busy chunk.
+    holds its chunk range in ``_busy`` (busy.py) while it runs; an active write waits for
+    overlapping ones first, and the copier never picks a busy chunk.
  3. A failed copy or active write marks its range dirty again *before* the error policy
     runs. Nothing is dropped.
  4. The pivot (and a cancel in ready) closes a gate in front of guest writes, waits for what
@@ -45,6 +45,7 @@ import trio
 from bitarray import bitarray
 
 from mirrorfs.bitmap import DirtyBitmap
+from mirrorfs.busy import BusyRanges
 from mirrorfs.checkpointer import Checkpointer
 from mirrorfs.copier import BatchCopier, CopyError, CopyOp
 from mirrorfs.drain import Gate, PivotRecords
@@ -150,16 +151,6 @@ class MirrorConfig:
     max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 
-@dataclasses.dataclass(eq=False)
-class _Busy:
-    """A chunk range that a copy or an active write holds (invariant 2)."""
-
-    a: int
-    b: int
-    done: trio.Event
-    copy_bytes: int  # bytes of a copy op, 0 for an active write
-
-
 class Mirror:
     def __init__(self, source: Image, target: Target, cfg: MirrorConfig,
                  job: Job | None = None, clock: Callable[[], float] = trio.current_time,
@@ -184,7 +175,7 @@ class Mirror:
         self.bucket = TokenBucket(cfg.speed, clock())
         self.meter = RateMeter()
         self._t0 = clock()
-        self._busy: list[_Busy] = []
+        self._busy = BusyRanges(on_release=self._wake)  # invariant 2 (busy.py)
         self._copier = BatchCopier(source, target, cfg.granularity)
         self._batches = 0
         self._inflight_data = 0
@@ -354,22 +345,6 @@ class Mirror:
             except OSError as e:  # invariant 6: the guest's fsync succeeded on its image
                 self._on_error(CopyError("target", 0, self.size, e))
 
-    def _overlap(self, a: int, b: int) -> _Busy | None:
-        for busy in self._busy:
-            if busy.a < b and a < busy.b:
-                return busy
-        return None
-
-    def _hold(self, a: int, b: int, copy_bytes: int) -> _Busy:
-        busy = _Busy(a, b, trio.Event(), copy_bytes)
-        self._busy.append(busy)
-        return busy
-
-    def _release(self, busy: _Busy) -> None:
-        self._busy.remove(busy)
-        busy.done.set()
-        self._wakeup.set()
-
     async def _active_change(self, offset: int, length: int, change: Change) -> bool:
         """Write-blocking: source, then target, before the guest's write returns. False if
         the drain's gate closed or the job ended while it waited: the caller looks at the
@@ -378,11 +353,11 @@ class Mirror:
         a, b = self.bitmap.chunks_of(offset, length)
         # Invariant 2: wait for overlapping copies and active writes, then hold the range
         # (the check and the hold happen with no checkpoint in between).
-        while (other := self._overlap(a, b)) is not None:
+        while (other := self._busy.overlap(a, b)) is not None:
             await other.done.wait()
         if self._gate.closed or not self._active:
             return False
-        busy = self._hold(a, b, 0)
+        busy = self._busy.hold(a, b, 0)
         try:
             if self.persist is not None and not self.persist.covers(a, b):
                 # held chunks are in every checkpoint, so a checkpoint meanwhile is safe
@@ -417,7 +392,7 @@ class Mirror:
                     self.active_bytes += hi - lo
                     self.copied_bytes += hi - lo
         finally:
-            self._release(busy)
+            self._busy.release(busy)
         return True
 
     async def _apply_to_target(self, change: Change, lo: int, hi: int) -> bool:
@@ -772,11 +747,11 @@ class Mirror:
                 a = bm.find_dirty(pos, stop)
                 if a < 0:
                     break
-                busy = self._overlap(a, a + 1)
+                busy = self._busy.overlap(a, a + 1)
                 if busy is not None:
                     pos = busy.b
                     continue
-                limit = min((x.a for x in self._busy if x.a > a), default=bm.nchunks)
+                limit = self._busy.next_start_after(a, default=bm.nchunks)
                 return a, bm.run_end(a, limit)
         return None
 
@@ -824,7 +799,7 @@ class Mirror:
     def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
         start, end = self.bitmap.byte_range(a, b)
         op = CopyOp(a, b, start, end - start, zero, epoch=self._durable.epoch)
-        op.busy = self._hold(a, b, end - start)
+        op.busy = self._busy.hold(a, b, end - start)
         return op
 
     async def _run_batch(self, ops: list[CopyOp], data: int) -> None:
@@ -866,7 +841,7 @@ class Mirror:
                 self.zeroed_bytes += op.zero_bytes
                 self.meter.add(op.length, now)
             assert op.busy is not None
-            self._release(op.busy)
+            self._busy.release(op.busy)
         if first_error is not None:
             self._on_error(first_error)
         elif self._backoff_s and not self.job.ended:
