@@ -54,6 +54,7 @@ from mirrorfs.images import Image
 from mirrorfs.job import ENDED, Job, State, Verb, VerbRefused
 from mirrorfs.nbd import NBDImage
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
+from mirrorfs.picker import Picker
 from mirrorfs.ratelimit import RateMeter, TokenBucket
 from mirrorfs.state import ActivityLog
 
@@ -176,6 +177,9 @@ class Mirror:
         self.meter = RateMeter()
         self._t0 = clock()
         self._busy = BusyRanges(on_release=self._wake)  # invariant 2 (busy.py)
+        self._picker = Picker(self.bitmap, self._busy, source, self.size, cfg.max_op_bytes,
+                              cfg.ops_per_batch, cheap_zeroes=lambda: target.zeroes_cheaply,
+                              epoch=lambda: self._durable.epoch)
         self._copier = BatchCopier(source, target, cfg.granularity)
         self._batches = 0
         self._inflight_data = 0
@@ -186,7 +190,6 @@ class Mirror:
         self._paused_from: State | None = None
         self._backoff_s = 0.0
         self._backoff_until = 0.0
-        self._cursor = 0
         self._buffers: list[bytearray] = []
         # A batch to a local target reuses one op-sized buffer; one to NBD holds all its ops'
         # data at once (they are sent concurrently).
@@ -719,7 +722,7 @@ class Mirror:
                     return self.bucket.delay(now, batch_bytes)
                 if allowance is not None:
                     budget = min(budget, allowance)
-            ops, data = self._pick(max(budget, cfg.granularity))
+            ops, data = self._picker.pick(max(budget, cfg.granularity))
             if not ops:
                 return 0.0
             if not unthrottled:
@@ -734,73 +737,6 @@ class Mirror:
         busy = self.guest_ops != self._ops_seen
         self._ops_seen = self.guest_ops
         return busy
-
-    def _find_free_dirty(self) -> tuple[int, int] | None:
-        """Next dirty run at or after the cursor (wrapping once) that no busy range
-        overlaps, cut short where a busy range begins."""
-        bm = self.bitmap
-        start = self._cursor
-        for wrapped in (False, True):
-            stop = bm.nchunks if not wrapped else self._cursor
-            pos = 0 if wrapped else start
-            while pos < stop:
-                a = bm.find_dirty(pos, stop)
-                if a < 0:
-                    break
-                busy = self._busy.overlap(a, a + 1)
-                if busy is not None:
-                    pos = busy.b
-                    continue
-                limit = self._busy.next_start_after(a, default=bm.nchunks)
-                return a, bm.run_end(a, limit)
-        return None
-
-    def _pick(self, data_budget: int) -> tuple[list[CopyOp], int]:
-        """Choose the next ops, clear their dirty bits and hold their ranges. Returns them
-        and the bytes they charge to the speed limit and buf-size: their data, and their
-        zeros too where the target cannot zero cheaply (the zeros are sent as data).
-
-        Invariant 1: the bits are cleared here, before any worker reads the source."""
-        cfg, bm = self.cfg, self.bitmap
-        g, shift = cfg.granularity, bm.shift
-        cheap_zeroes = self.target.zeroes_cheaply
-        op_chunks = max(1, cfg.max_op_bytes >> shift)
-        ops: list[CopyOp] = []
-        data = 0
-        while len(ops) < cfg.ops_per_batch and data < data_budget:
-            run = self._find_free_dirty()
-            if run is None:
-                break
-            a, b = run
-            while a < b and len(ops) < cfg.ops_per_batch and data < data_budget:
-                start = a << shift
-                try:
-                    d = self.source.next_data(start)
-                except OSError:
-                    d = start  # as data: the copy's own read finds the error and names it
-                room = max(1, (data_budget - data) >> shift)
-                if d >= start + g or d >= self.size:
-                    # a hole covers whole chunks: one op, however long, reads nothing
-                    e = b if d >= self.size else min(b, d >> shift)
-                    if not cheap_zeroes:  # sized like data
-                        e = min(e, a + min(op_chunks, room))
-                    op = self._make_op(a, e, zero=True)
-                else:
-                    e = min(b, a + min(op_chunks, room))
-                    op = self._make_op(a, e, zero=False)
-                if not op.zero or not cheap_zeroes:
-                    data += op.length
-                bm.clear_chunks(op.a, op.b)
-                ops.append(op)
-                a = op.b
-            self._cursor = a if a < bm.nchunks else 0
-        return ops, data
-
-    def _make_op(self, a: int, b: int, zero: bool) -> CopyOp:
-        start, end = self.bitmap.byte_range(a, b)
-        op = CopyOp(a, b, start, end - start, zero, epoch=self._durable.epoch)
-        op.busy = self._busy.hold(a, b, end - start)
-        return op
 
     async def _run_batch(self, ops: list[CopyOp], data: int) -> None:
         buf = self._buffers.pop() if self._buffers else bytearray(self._buf_bytes)

@@ -142,10 +142,10 @@ async def _mounted(prep: Prepared, opts: MountOptions, notify: _Notifier) -> int
 
 
 def _set_polling(poll_us: int) -> None:
-    """Adaptive polling (third_party/pyfuse3.patch): right after a reply the next request
-    is often tens of microseconds away, about what a trio wait costs, so polling for it
-    halves the latency at queue depth 1. It only polls while requests keep coming that
-    soon, so an idle mount does not spin."""
+    """Adaptive polling (third_party/pyfuse3/0004-adaptive-poll.patch): right after a
+    reply the next request is often tens of microseconds away, about what a trio wait
+    costs, so polling for it halves the latency at queue depth 1. It only polls while
+    requests keep coming that soon, so an idle mount does not spin."""
     set_poll = getattr(pyfuse3, "set_poll_max_ns", None)
     if set_poll is not None:
         set_poll(poll_us * 1000)
@@ -157,9 +157,10 @@ READ_AHEAD_MIN_BYTES = 128 * 1024
 
 
 def _set_read_ahead(mirror: Mirror) -> None:
-    """Write read-ahead (third_party/pyfuse3.patch): while a large write is copied into
-    the source, a helper thread receives the next request, so that the two copies of a
-    stream of large writes run on two cores (1 MiB O_DIRECT writes: +25-45%, README).
+    """Write read-ahead (third_party/pyfuse3/0007-write-read-ahead.patch): while a large
+    write is copied into the source, a helper thread receives the next request, so that
+    the two copies of a stream of large writes run on two cores (1 MiB O_DIRECT writes:
+    +25-45%, docs/performance.md).
     The mirror arms it only right before a copy that cannot suspend (pyfuse3's rule)."""
     set_read_ahead = getattr(pyfuse3, "set_read_ahead", None)
     if set_read_ahead is None:

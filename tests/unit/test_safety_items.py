@@ -276,7 +276,7 @@ async def test_a_seek_error_while_planning_a_batch_reaches_the_policy(
     """Item 7: SEEK_HOLE failing in the NBD batch's planning must not escape."""
     src, tgt = make_pair(tmp_path, 2 * MiB)
     m = Mirror(src, tgt, cfg())
-    ops, _data = m._pick(2 * MiB)
+    ops, _data = m._picker.pick(2 * MiB)
 
     def broken(offset: int) -> int:
         raise OSError(errno.EIO, "Input/output error")
