@@ -16,19 +16,25 @@ Method
    the target. Other marks (mount, ready, ending ...) only make reports readable.
 2. **Concurrency as with worker threads.** The run is a real trio run on
    ``MockClock(autojump_threshold=0)``. The Mirror and the ActivityLog get ``run_sync``
-   from ``World``: it yields a seeded random number of times before and after calling the
-   function inline (shielded once started, as ``trio.to_thread.run_sync`` is), so guest
-   writes, the copier and checkpoints interleave with state-file I/O as they would with
-   threads. ``Hold`` stops chosen calls (say the state file's ``log_extent``) until a
-   scripted test releases them: the targeted tests use it to open exact windows.
-3. **A scenario** (``Plan``, drawn from a seed, or a script): mount as mount.py's
-   ``_prepare_state`` and ``_serve`` do (state file created, or opened and
-   ``plan_resume``'d; first checkpoint with ``flush=False``), the copy loop, two or three
-   guest writers (hot and cold extents, fsyncs, punched holes), checkpoints, ready, then
-   endings: cancel, cancel force, cancel before ready, complete (the pivot), a target
-   error under policy report (the job fails), or a clean unmount (``save_final_state``)
-   and a remount that resumes; guest writes go on after every ending, and a mount may
-   follow (a new job, or a refusal). Some seeds make one state-file write or sync fail.
+   from ``World``: the call takes a random bit of virtual time (an image's flush more)
+   and yields a seeded random number of times before and after calling the function
+   inline (shielded once started, as ``trio.to_thread.run_sync`` is), so guest writes,
+   the copier and checkpoints interleave with state-file I/O as they would with threads.
+   ``Hold`` stops chosen calls (say the state file's ``log_extent``) until a scripted
+   test releases them: the targeted tests use it to open exact windows. ``SpinGuard``
+   (a trio instrument) notices a task that runs on while virtual time stands still (a
+   spin: the autojump clock would never move again), moves the clock on as real time
+   would pass, and reports the task: a guest write must never spin.
+3. **A scenario** (``Plan``, drawn from a seed, or a script): mount as mount.py does
+   (state file created, or opened and ``plan_resume``'d; first checkpoint with
+   ``flush=False``), the copy loop, two or three guest writers (hot and cold extents,
+   bursts of requests in flight at once, fsyncs, punched holes) and a chaser that writes
+   the moment a call starts under the activity log's lock (a log entry or a checkpoint
+   on its way to the disk), checkpoints, ready, then endings: cancel, cancel force,
+   cancel before ready, complete (the pivot), a target error under policy report (the
+   job fails), or a clean unmount (``save_final_state``) and a remount that resumes;
+   guest writes go on after every ending, and a mount may follow (a new job, or a
+   refusal). Some seeds make one state-file write or sync fail.
 4. **Crash states.** For every prefix of the trace (every operation boundary) the files
    are rebuilt as a crash there leaves them, in five variants:
    ``kill`` (process killed: every write of the prefix is in the page cache, so kept);
@@ -59,6 +65,7 @@ import dataclasses
 import errno
 import inspect
 import random
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -68,7 +75,6 @@ import trio.lowlevel
 import trio.testing
 from bitarray import bitarray
 
-import mirrorfs.mirror as mirror_module
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from mirrorfs.job import Job
 from mirrorfs.mirror import Mirror, MirrorConfig
@@ -396,18 +402,23 @@ class World:
     @contextlib.contextmanager
     def patched_unlink(self) -> Iterator[None]:
         """The mirror drops a state file it cannot write by unlinking its path: point that
-        at the simulated file (whichever of the two helpers this mirror.py has)."""
-        saved: dict[str, Any] = {}
-        for name, fake in (("remove_quietly", self.remove_state_quietly),
-                           ("remove_durably", self.remove_state_durably)):
-            if hasattr(mirror_module, name):
-                saved[name] = getattr(mirror_module, name)
-                setattr(mirror_module, name, fake)
+        at the simulated file, in every mirrorfs module that holds one of the two helpers
+        (remove_quietly before issue 16's fixes, remove_durably after)."""
+        saved: list[tuple[Any, str, Any]] = []
+        fakes = {"remove_quietly": self.remove_state_quietly,
+                 "remove_durably": self.remove_state_durably}
+        modules = [m for name, m in sorted(sys.modules.items())
+                   if name == "mirrorfs" or name.startswith("mirrorfs.")]
+        for module in modules:
+            for name, fake in fakes.items():
+                if hasattr(module, name):
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, fake)
         try:
             yield
         finally:
-            for name, real in saved.items():
-                setattr(mirror_module, name, real)
+            for module, name, real in saved:
+                setattr(module, name, real)
 
     # ------------------------------------------------------------------ the registry
     def record_pivot(self) -> None:
@@ -516,13 +527,14 @@ class Guest:
     fsyncs and punched holes, until stopped."""
 
     def __init__(self, world: World, mirror: Mirror, rng: random.Random, writers: int,
-                 extent_bytes: int, pause: float = 0.1) -> None:
+                 extent_bytes: int, pause: float = 0.1, hot: float = 0.75) -> None:
         self.world, self.mirror, self.rng = world, mirror, rng
         self.writers = writers
         self.extent = extent_bytes
         nextents = -(-world.size // extent_bytes)
         self.hot = rng.sample(range(nextents), min(2, nextents))
-        self.pause = pause
+        self.pause = pause  # mean seconds between a writer's requests
+        self.hot_share = hot  # of the writes that go to the two hot extents
         self.paused = False  # writers idle while set (a quiet moment before a checkpoint)
         self.stop = trio.Event()
         self.done = 0
@@ -541,7 +553,7 @@ class Guest:
         rng, size = self.rng, self.world.size
         n = rng.choice((512, 4 * KiB, 4 * KiB, 16 * KiB, 60 * KiB, 64 * KiB, 100 * KiB,
                         300 * KiB))
-        if rng.random() < 0.75:  # mostly hot extents: the log stays small
+        if rng.random() < self.hot_share:
             e = rng.choice(self.hot)
             off = e * self.extent + rng.randrange(self.extent)
         else:
@@ -640,6 +652,8 @@ class Plan:
     speed: int = 0
     checkpoint_s: float = 1.0
     writers: int = 3
+    pause: float = 0.1  # see Guest
+    hot: float = 0.75
     endings: tuple[str, ...] = ("cancel",)
     remount_last: bool = False  # after the last ending: unmount and mount once more
     state_fail_after: int | None = None  # this state file write or sync after mount fails
@@ -655,6 +669,7 @@ class Plan:
                                          CopyMode.WRITE_BLOCKING)),
                    speed=rng.choice((0, 0, 16 * MiB)), checkpoint_s=rng.choice((1.0, 2.0)),
                    writers=rng.choice((2, 3)), endings=endings,
+                   pause=rng.choice((0.03, 0.1, 0.2)), hot=rng.choice((0.5, 0.75, 0.9)),
                    remount_last=rng.random() < 0.5,
                    state_fail_after=rng.randrange(3, 60) if rng.random() < 0.25 else None,
                    state_fail_errno=rng.choice((errno.ENOSPC, errno.EIO)))
@@ -678,8 +693,15 @@ async def wait_until(pred: Callable[[], bool], limit: float) -> bool:
 def poke_checkpointer(mirror: Mirror) -> None:
     """Ask the mirror's own checkpointer for a checkpoint soon (as it does at ready). A
     second caller of Mirror.checkpoint next to the checkpointer is no state mount.py
-    creates, so random scenarios ask the checkpointer instead."""
-    mirror._checkpoint_soon = True  # a private lever, for tests only
+    creates, so random scenarios ask the checkpointer instead. (A private lever, for
+    tests only: where it is depends on the version of mirror.py.)"""
+    checkpointer = getattr(mirror, "_state", None)
+    if checkpointer is not None and hasattr(checkpointer, "soon"):
+        checkpointer.soon = True
+    elif hasattr(mirror, "_checkpoint_soon"):
+        mirror._checkpoint_soon = True
+    else:
+        raise AssertionError("no way to ask this mirror's checkpointer for a checkpoint")
 
 
 @dataclasses.dataclass
@@ -708,7 +730,7 @@ async def serve(world: World, plan: Plan, nursery: trio.Nursery, rng: random.Ran
         return None
     scope, done = trio.CancelScope(), trio.Event()
     nursery.start_soon(_run_loop, mirror, scope, done)
-    guest = Guest(world, mirror, rng, plan.writers, plan.extent_bytes)
+    guest = Guest(world, mirror, rng, plan.writers, plan.extent_bytes, plan.pause, plan.hot)
     guest.start(nursery)
     return MountRun(mirror, scope, guest, done)
 

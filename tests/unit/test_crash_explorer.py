@@ -40,10 +40,16 @@ including op N; ops[N] is printed with the operations around it):
   crash after op 31 (kill): ... resuming the job after a crash: 524288 bytes to copy
   ...; chunks [8]".
 
-The random seeds find item 1 on 552a73c too (most seeds with a cancel, a cancel force or
-a failure), and one more hole: a state file dropped after a write error was unlinked
-without syncing its directory, so after a power loss the stale file came back and resumed
-a job that had stopped logging (``power`` and ``random`` variants only).
+Found by the explorer beyond those, each with a targeted test that fails on 552a73c and
+passes since the fix named in its docstring: a write across a logged and a P-covered
+extent that spun (``test_write_across_a_logged_and_a_covered_extent_does_not_spin``,
+reported as a stalled task by SpinGuard), and a checkpoint's snapshot that missed what
+another flush of the target had taken (``test_checkpoint_during_another_target_flush``).
+``test_pivot_after_the_state_file_was_dropped`` checks item 2's last case. The random
+seeds find item 1 on 552a73c too (most seeds with a cancel, a cancel force or a
+failure), the spinning write, and one more hole: a state file dropped after a write
+error was unlinked without syncing its directory, so after a power loss the stale file
+came back and resumed a job that had stopped logging (``power`` and ``random`` only).
 """
 
 import errno
@@ -75,8 +81,13 @@ from mirrorfs.job import State
 from mirrorfs.params import CopyMode
 
 # Seeds whose scenarios together cover every ending, a remount, a refused remount
-# after the pivot, write-blocking mode and a state-file error (see Plan.from_seed).
-DEFAULT_SEEDS = (7, 16, 19, 41)
+# after the pivot, write-blocking mode and state-file errors (see Plan.from_seed), and
+# that find, with one of issue 16's fixes undone at a time on 97fea75: item 1 (tracking
+# ends with the job: seeds 14, 15, 19, 27), item 5 (the log bit set before its write is
+# durable: 15, 19), item 6 (covers() from the new P alone: 14, 27), a log entry or a
+# checkpoint's slot not synced, a snapshot without the unflushed or the in-flight
+# chunks, and the write that spins (seed 10).
+DEFAULT_SEEDS = (1, 10, 14, 15, 19, 27)
 MIN_POINTS_PER_SEED = 300  # a scenario that checks fewer did not run as it should
 
 
@@ -112,7 +123,6 @@ def test_random_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
         assert rep.points >= MIN_POINTS_PER_SEED, f"seed {seed}: {rep.summary()}"
         total.add(rep)
     _report(capsys, f"{len(seeds)} random seeds", total, time.monotonic() - t0)
-    assert not total.stalls, f"tasks spun without waiting: {total.stalls[:3]}"
     assert total.points >= MIN_POINTS_PER_SEED * len(seeds)
     for outcome in (REFUSE, NEW, RESUME):
         assert total.outcomes[outcome] > 0, f"no crash point led to {outcome}"
@@ -120,6 +130,7 @@ def test_random_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
         assert endings >= {"cancel", "cancel-force", "cancel-early", "complete", "fail",
                            "unmount"}, endings
     _assert_clean(total)
+    assert not total.stalls, f"tasks spun without waiting: {total.stalls[:3]}"
 
 
 # ====================================================================== targeted
@@ -337,9 +348,9 @@ def test_checkpoint_during_another_target_flush(capsys: pytest.CaptureFixture[st
     loses the target's: "seed 12 crash after op 35 (torn): ... resuming the job after a
     crash: 0 bytes to copy (header seq 3, phase running, clean False); chunks [48]" (and
     after op 36, the header's sync, in the power and random variants). The
-    same holds for the drain's flush in ``_finish`` next to the checkpointer. A fix:
-    keep the extents of a flush in flight (say ``_flushing``) until it has returned, and
-    have ``_snapshot`` count them too."""
+    same held for the drain's flush in ``_finish`` next to the checkpointer. The fix
+    (97fea75) keeps what a flush in flight has taken until it has returned, and the
+    snapshot counts it too."""
     world = _world(12)
     plan = _plan(12, copy_mode=CopyMode.WRITE_BLOCKING)
 
@@ -378,3 +389,33 @@ def test_checkpoint_during_another_target_flush(capsys: pytest.CaptureFixture[st
             nursery.cancel_scope.cancel()
 
     _explore(capsys, "checkpoint during another target flush", world, scenario)
+
+
+def test_pivot_after_the_state_file_was_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 item 2's last case: the state file cannot be written (ENOSPC), the job
+    drops it and goes on without one, then completes. The pivot must still be recorded
+    durably (the pivot registry) before the target goes live, or a crash after the
+    pivot leaves no state file, and the next mount would copy the stale source over the
+    live target (a new job). On 552a73c: "seed 2 crash after op 28 (kill): the target is
+    the live image but the mount would start a new job: no state file" (and, the unlink
+    not being synced there, "... the mount would resume" after a power loss)."""
+    world = _world(2)
+    plan = _plan(2)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            m = await _mount_ready(world, plan, nursery)
+            world.fail_state_io(1)  # the next state file write fails
+            await m.write(5 * MiB + 4096, b"s" * 4096)  # needs a log entry: dropped
+            assert m.persist is None and world.state_failures == 1
+            m.complete()
+            assert await wait_until(lambda: m.job.ended, 60)
+            assert m.job.state is State.COMPLETED
+            world.trace.mark("completed")
+            await m.write(6 * MiB + 8192, b"t" * 4096)  # goes to the target alone
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+
+    _explore(capsys, "pivot without a state file", world, scenario)
+    assert ("mark", "target-live") in world.trace.ops
+    assert _ops_after(world, "completed", "write", "target") >= 1
