@@ -474,7 +474,8 @@ class World:
             return self._refuse(f"cannot write the state file: {e}")
         return mirror
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str) -> "SimMirror | None":
+        """A refused mount: noted, and None for ``mount`` to return."""
         self.refused.append(why)
         self.trace.mark(f"mount refused: {why}")
         return None
@@ -510,7 +511,7 @@ class SimMirror(Mirror):
         self._sim_serving: Any = None
         super().__init__(*args, **kw)
 
-    @property  # type: ignore[override]
+    @property
     def serving(self) -> Any:
         return self._sim_serving
 
