@@ -191,11 +191,6 @@ class StateFile:
             return False
         return True
 
-    def write_log(self, al: bitarray) -> None:
-        """Write the current slot's whole activity log, sync."""
-        self.io.pwrite(_padded(al, self.al_bytes), self._slot_off(self.header["slot"]))
-        self.io.sync()
-
     def log_extent(self, al: bitarray, extent: int) -> None:
         """Write the log block holding ``extent``'s bit, set, and the rest of ``al``'s bits in
         that block, sync. ``al`` itself is not changed: its bit is set by the caller once

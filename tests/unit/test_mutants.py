@@ -350,3 +350,88 @@ def test_a_resized_source_is_another_image_for_the_registry(tmp_path: Path) -> N
         assert reg.find(source_identity(ident["path"], fd)) is None
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------- the pivot's records
+async def _records(tmp_path: Path, calls: list[str], fail: str = ""
+                   ) -> tuple[Any, StateFile]:
+    """drain.PivotRecords over a real state file, with registry hooks and a source flush
+    that record the order of calls (and fail where asked)."""
+    from mirrorfs.checkpointer import Checkpointer
+    from mirrorfs.drain import PivotRecords
+    from mirrorfs.job import Job
+
+    sf = StateFile.create(str(tmp_path / "s"), HEADER)
+    sf.write_checkpoint(bits(16384, []), phase="running")
+
+    async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    persist = ActivityLog(sf, bits(16384, []), 65536, 4 << 20, run_sync=inline)
+
+    async def nothing() -> None:
+        pass
+
+    state = Checkpointer(persist, Job(), interval_s=10, max_logged_extents=1024,
+                         nchunks=16384, snapshot=lambda p: None, flush_images=nothing,
+                         on_copy_error=lambda e: None, copied=lambda: 0, clock=lambda: 0.0)
+
+    def hook(name: str) -> Callable[[], None]:
+        def call() -> None:
+            calls.append(name)
+            if name == fail:
+                raise OSError(errno.EROFS, "Read-only file system")
+        return call
+
+    async def flush_source() -> None:
+        calls.append("flush source")
+
+    records = PivotRecords(state, "/src", hook("record"), hook("forget"), flush_source,
+                           run_sync=inline)
+    return records, sf
+
+
+async def test_the_pivot_is_recorded_source_flushed_registry_then_state(
+        tmp_path: Path) -> None:
+    """Invariant 9: the source's mtime (which the registry names) is durable before the
+    record; the registry before the state file; the state file says completed."""
+    calls: list[str] = []
+    records, sf = await _records(tmp_path, calls)
+    await records.record()
+    assert calls == ["flush source", "record"]
+    assert StateFile.open(sf.path).header["phase"] == "completed"
+
+
+async def test_an_undone_pivot_says_running_again_and_forgets_the_record(
+        tmp_path: Path) -> None:
+    calls: list[str] = []
+    records, sf = await _records(tmp_path, calls)
+    await records.record()
+    await records.undo()
+    assert calls == ["flush source", "record", "forget"]
+    h = StateFile.open(sf.path).header
+    assert h["phase"] == "running", "a pivot that did not happen must not stay on record"
+
+
+async def test_a_pivot_whose_record_fails_is_undone(tmp_path: Path) -> None:
+    calls: list[str] = []
+    records, sf = await _records(tmp_path, calls, fail="record")
+    with pytest.raises(OSError):
+        await records.record()
+    assert calls == ["flush source", "record", "forget"]
+    assert StateFile.open(sf.path).header["phase"] == "running"
+
+
+async def test_a_checkpoints_fields_reach_the_header(tmp_path: Path) -> None:
+    """state.ActivityLog.checkpoint: the fields it is given (a clean stop, the images'
+    identities) are what the next mount reads."""
+    sf = StateFile.create(str(tmp_path / "s"), HEADER)
+    sf.write_checkpoint(bits(16384, []), phase="running")
+
+    async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    alog = ActivityLog(sf, bits(16384, []), 65536, 4 << 20, run_sync=inline)
+    await alog.checkpoint(lambda p: None, clean=True, source={"path": "x", "mtime_ns": 7})
+    h = StateFile.open(sf.path).header
+    assert h["clean"] is True and h["source"] == {"path": "x", "mtime_ns": 7}
