@@ -367,3 +367,36 @@ def test_images_modified_after_a_clean_stop_are_refused(tmp_path: Path) -> None:
         ids = (changed, tgt) if which == "source" else (src, changed)
         with pytest.raises(StateError, match="modified after the job stopped"):
             plan_resume(sf, *ids, sync="full")
+
+
+# ---------------------------------------------------------------------- invariant 4
+async def test_an_active_write_that_finds_the_gate_closed_waits_at_it(tmp_path: Path) -> None:
+    """Invariant 4 (a surviving mutant of ``_change``): an active write that waited for an
+    overlapping copy and then finds the drain's gate closed must wait at the gate, not
+    write the source behind the drain's back (the drain has seen nothing busy)."""
+    src, tgt = make_pair(tmp_path, 2 * MiB)
+    m = Mirror(src, tgt, cfg(copy_mode=CopyMode.WRITE_BLOCKING))
+    copy = m._busy.hold(0, 1, G)  # a copy of chunk 0 in flight
+    data = os.urandom(4096)
+    done = trio.Event()
+
+    async def guest() -> None:
+        await m.write(0, data)
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(guest)
+        await trio.testing.wait_all_tasks_blocked()
+        m._gate.close()  # the drain closes the gate while the write waits for the copy
+        m._busy.release(copy)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set() and src.pread(4096, 0) != data, \
+            "the write went to the source while the gate was closed"
+        m._gate.open()
+    assert done.is_set() and src.pread(4096, 0) == data and m.bitmap.is_dirty(0)
+    async with trio.open_nursery() as n:  # and the mirror then copies it
+        n.start_soon(m.run)
+        await wait_state(m, State.READY)
+        m.complete()
+        await wait_state(m, State.COMPLETED)
+    assert same(src, tgt)
