@@ -52,14 +52,24 @@ def send(m: Mount, data: bytes) -> int:
         os.close(fd)
 
 
+def _unless_ended(m: Mount, cmd: str) -> None:
+    """``cmd``, which the job may refuse (EBUSY) only because it ended since its status
+    was read (a cancel force in flight): anything else is a failure."""
+    try:
+        m.command(cmd)
+    except OSError as e:
+        if e.errno != errno.EBUSY or m.status()["state"] not in ENDED:
+            raise
+
+
 def finish(m: Mount, *, want_target_consistent: bool | None = None) -> dict[str, Any]:
     """Drive the job to its end (resume, unlimited speed, complete once ready), check the
     daemon is alive, compare the images as the end state says they must be, unmount."""
     st = m.status()
     if st["state"] == "paused":
-        m.command("resume")
+        _unless_ended(m, "resume")
     if st["state"] not in ENDED:
-        m.command("speed 0")
+        _unless_ended(m, "speed 0")
         st = m.wait("ready", *ENDED, timeout=60)
         if st["state"] == "ready":
             m.command("complete")
