@@ -33,20 +33,21 @@ copy batch to it reads the source in one worker-thread call, then sends its ops 
 concurrent tasks, which the client pipelines on one connection.
 """
 
-import dataclasses
 import errno
 import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 from bitarray import bitarray
 
 from mirrorfs.bitmap import DirtyBitmap
 from mirrorfs.busy import BusyRanges
+from mirrorfs.changes import Change, Fallocate, Target, Write, apply, retried
 from mirrorfs.checkpointer import Checkpointer
+from mirrorfs.config import MirrorConfig
 from mirrorfs.copier import BatchCopier, CopyError, CopyOp
 from mirrorfs.drain import Gate, PivotRecords
 from mirrorfs.durability import TargetDurability, flush_image
@@ -63,93 +64,6 @@ log = logging.getLogger(__name__)
 KiB, MiB = 1 << 10, 1 << 20
 
 RunSync = Callable[..., Awaitable[Any]]
-_T = TypeVar("_T")
-Target = Image | NBDImage  # a local file or device (blocking calls), or an NBD export (async)
-
-
-@dataclasses.dataclass(slots=True)
-class _Write:
-    """A guest's write, to be applied to one or more images, in parts [lo, hi)."""
-
-    offset: int
-    data: memoryview
-
-    def local(self, img: Image, lo: int, hi: int) -> None:
-        img.pwrite(self.data[lo - self.offset:hi - self.offset], lo)
-
-    async def remote(self, img: NBDImage, lo: int, hi: int) -> None:
-        await img.pwrite(self.data[lo - self.offset:hi - self.offset], lo)
-
-
-@dataclasses.dataclass(slots=True)
-class _Fallocate:
-    """A guest's punch-hole or zero-range."""
-
-    mode: int
-
-    def local(self, img: Image, lo: int, hi: int) -> None:
-        img.fallocate(self.mode, lo, hi - lo)
-
-    async def remote(self, img: NBDImage, lo: int, hi: int) -> None:
-        await img.fallocate(self.mode, lo, hi - lo)
-
-
-Change = _Write | _Fallocate
-
-
-async def _apply(img: Target, change: Change, lo: int, hi: int) -> None:
-    if isinstance(img, NBDImage):
-        await _retried(img, lambda: change.remote(img, lo, hi))
-    else:
-        change.local(img, lo, hi)
-
-
-async def _retried(img: NBDImage, call: Callable[[], Awaitable[_T]]) -> _T:
-    """``call``, and once more on a new connection if the connection was lost. Reads and
-    writes are idempotent, so a request that may or may not have been done can be redone.
-    If the server cannot be reached, the error is the caller's (guest I/O after the pivot:
-    EIO; an active write: the target's error policy)."""
-    generation = img.generation
-    try:
-        return await call()
-    except OSError as e:
-        if e.errno != errno.ECONNRESET:
-            raise
-    try:
-        if img.generation == generation:  # else another task has reconnected already
-            await img.reconnect()
-        return await call()
-    except OSError as e:  # the guest sees EIO, not the network's errno
-        raise OSError(errno.EIO, f"{img.path}: {e.strerror or e}") from e
-
-
-@dataclasses.dataclass(frozen=True)
-class MirrorConfig:
-    granularity: int = 64 * KiB
-    buf_size: int = 16 * MiB  # data bytes in flight at once
-    speed: int = 0  # bytes/s, 0 = unlimited
-    sync: SyncMode = SyncMode.FULL
-    copy_mode: CopyMode = CopyMode.BACKGROUND
-    on_source_error: ErrorPolicy = ErrorPolicy.REPORT
-    on_target_error: ErrorPolicy = ErrorPolicy.REPORT
-    target_fresh: bool = False  # the target was created sparse by us: it reads as zeros
-    max_op_bytes: int = 1 * MiB  # adjacent dirty chunks coalesce into ops up to this
-    # Data per worker-thread call. 8 MiB: two batches fill the default buf-size, so one
-    # copies while the next is picked; with four of 4 MiB the copies contended for the
-    # target's inode and a lone one left the thread idle between trips (bulk copy of 1 GiB
-    # on ext4: 0.31-0.41 s at 4x4 MiB, 0.28-0.30 s at 2x8 MiB; copy_file_range alone 0.25 s).
-    batch_bytes: int = 8 * MiB
-    ops_per_batch: int = 64
-    drain_bytes: int = 4 * MiB  # remaining at which complete/cancel close the write gate
-    max_backoff_s: float = 5.0
-    checkpoint_s: float = 10.0  # how often copy progress is saved in the state file
-    # While the guest does I/O, the copier keeps one op of max_op_bytes in flight and pauses
-    # this long between them (dm-clone backs off the same way): the guest keeps the CPU.
-    # 10 ms, not 5: with adaptive polling a 4 KiB request at queue depth 1 takes ~20 us, and
-    # each batch's hand-offs cost the guest more (bench, rand read 4K qd1 during the copy:
-    # 0.73x idle at 5 ms, 0.83x at 10 ms; the copy still ran at 70 of its 105 MiB/s).
-    guest_backoff_s: float = 0.01
-    max_logged_extents: int = 1024  # a checkpoint empties the activity log past this
 
 
 class Mirror:
@@ -266,7 +180,7 @@ class Mirror:
         self.guest_ops += 1
         serving = self.serving
         if isinstance(serving, NBDImage):
-            return await _retried(serving, lambda: serving.pread(length, offset))
+            return await retried(serving, lambda: serving.pread(length, offset))
         return serving.pread(length, offset)
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
@@ -276,7 +190,7 @@ class Mirror:
         and changes nothing (a tail the job does not know would never be mirrored)."""
         if offset + len(data) > self.size:
             raise OSError(errno.ENOSPC, f"write past the end of the {self.size}-byte disk")
-        await self._change(offset, len(data), _Write(offset, memoryview(data)))
+        await self._change(offset, len(data), Write(offset, memoryview(data)))
         return len(data)
 
     async def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -285,13 +199,13 @@ class Mirror:
         if length <= 0:
             return
 
-        await self._change(offset, length, _Fallocate(mode))
+        await self._change(offset, length, Fallocate(mode))
 
     async def allocate(self, mode: int, offset: int, length: int) -> None:
         """A plain fallocate (no content change): on the serving image only."""
         length = min(length, self.size - offset)
         if length > 0:
-            await _apply(self.serving, _Fallocate(mode), offset, offset + length)
+            await apply(self.serving, Fallocate(mode), offset, offset + length)
 
     async def _change(self, offset: int, length: int, change: Change) -> None:
         """Change bytes [offset, offset + length) of the disk the way the job needs."""
@@ -300,7 +214,7 @@ class Mirror:
         while True:
             await self._gate.wait_open()
             if not self.tracking:
-                await _apply(self.serving, change, offset, offset + length)
+                await apply(self.serving, change, offset, offset + length)
                 return
             if self._active:
                 if await self._active_change(offset, length, change):
@@ -335,7 +249,7 @@ class Mirror:
     async def fsync(self) -> None:
         serving = self.serving
         if isinstance(serving, NBDImage):
-            await _retried(serving, serving.flush)
+            await retried(serving, serving.flush)
             return
         if self._source_flush_failed and serving is self.source:
             # A checkpoint's fsync took the write-back error the guest must hear about.
@@ -405,15 +319,15 @@ class Mirror:
         cannot zero without writing zero data: the caller leaves the chunks dirty and the
         copier writes the zeros, sized and rate-limited as data."""
         target = self.target
-        if isinstance(change, _Fallocate) and not isinstance(target, NBDImage):
+        if isinstance(change, Fallocate) and not isinstance(target, NBDImage):
             return target.write_zeroes(lo, hi - lo, cheap_only=True)
-        await _apply(target, change, lo, hi)
+        await apply(target, change, lo, hi)
         return True
 
     def _announce_inline_write(self, change: Change, length: int) -> None:
         """Tell the FUSE layer that a guest write is about to be copied inline and that
         nothing after it in this request can suspend (its read-ahead relies on that)."""
-        if self.before_inline_write is not None and type(change) is _Write:
+        if self.before_inline_write is not None and type(change) is Write:
             self.before_inline_write(length)
 
     def _target_part(self, lo: int, hi: int) -> tuple[int, int]:

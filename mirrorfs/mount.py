@@ -17,9 +17,10 @@ import pyfuse3
 import trio
 from bitarray import bitarray
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.fs import MirrorOperations
 from mirrorfs.job import Job
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 from mirrorfs.params import MountOptions
 from mirrorfs.pivots import PivotRegistry, source_identity
 from mirrorfs.prepare import MountError, Prepared, image_id, prepare

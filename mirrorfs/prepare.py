@@ -17,9 +17,9 @@ from typing import Any
 import trio
 from bitarray import bitarray
 
+from mirrorfs.changes import Target
 from mirrorfs.images import FileImage
 from mirrorfs.locks import ImageLocked, lock_image
-from mirrorfs.mirror import Target
 from mirrorfs.nbd import NBDAddress, NBDError, NBDImage, TLSConfig, parse_nbd_uri
 from mirrorfs.params import MountOptions
 from mirrorfs.pivots import PivotRegistry, source_identity

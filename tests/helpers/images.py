@@ -11,9 +11,10 @@ from typing import Any
 
 import trio
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -15,9 +15,10 @@ import trio
 from bitarray import bitarray
 from helpers import nbd_servers as servers
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage, fallocate
 from mirrorfs.job import State
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 from mirrorfs.nbd import NBDImage, open_nbd
 from mirrorfs.params import CopyMode, ErrorPolicy
 

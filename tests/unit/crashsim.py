@@ -75,9 +75,10 @@ import trio.lowlevel
 import trio.testing
 from bitarray import bitarray
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from mirrorfs.job import Job
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 from mirrorfs.params import CopyMode, ErrorPolicy, SyncMode
 from mirrorfs.state import ActivityLog, StateError, StateFile, plan_resume
 

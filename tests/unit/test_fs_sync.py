@@ -14,10 +14,11 @@ import pyfuse3
 import pytest
 import trio
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.fs import CTL, IMAGE, MirrorOperations
 from mirrorfs.images import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FileImage
 from mirrorfs.job import State
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 from mirrorfs.params import CopyMode
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from mirrorfs.config import MirrorConfig
 from mirrorfs.images import FileImage
 from mirrorfs.job import State
-from mirrorfs.mirror import Mirror, MirrorConfig
+from mirrorfs.mirror import Mirror
 from mirrorfs.nbd import CMD_READ, CMD_WRITE, NBDError, NBDImage
 from mirrorfs.params import ErrorPolicy
 

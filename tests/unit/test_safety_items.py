@@ -16,9 +16,10 @@ import trio.testing
 from bitarray import bitarray
 from helpers.images import FaultyImage, cfg, inline, make_pair, same, wait_state
 
+from mirrorfs.copier import CopyError
 from mirrorfs.images import FALLOC_FL_ZERO_RANGE
 from mirrorfs.job import State
-from mirrorfs.mirror import CopyError, Mirror
+from mirrorfs.mirror import Mirror
 from mirrorfs.params import CopyMode, ErrorPolicy
 from mirrorfs.pivots import PivotRegistry, source_identity
 from mirrorfs.state import ActivityLog, StateError, StateFile, plan_resume
